@@ -1,0 +1,35 @@
+# dtrain: `make demo` shows the whole story, `make test` runs the suite.
+# Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+
+.PHONY: install demo test test-fast bench chaos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python examples/demo.py --nproc $(NPROC)
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+bench: install
+	$(BIN)/python bench/run.py
+
+chaos: install
+	$(BIN)/python -m pytest -q tests/chaos --chaos-trials 200 -p no:xdist
+
+clean:
+	rm -rf $(VENV) build *.egg-info

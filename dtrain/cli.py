@@ -1,0 +1,235 @@
+"""The `dtrain` command line.
+
+    torchrun --nproc_per_node 2 -m dtrain train --config examples/demo.toml --run-dir runs/demo
+    dtrain ckpt list runs/demo [--json]
+    dtrain ckpt show runs/demo/snapshots/step_000000200 [--json]
+    dtrain ckpt verify runs/demo
+    dtrain ckpt export runs/demo --out model.safetensors [--best]
+    dtrain ckpt prune runs/demo
+
+Exit codes: 0 done, 1 failed, 2 bad config or usage, 75 preempted (emergency snapshot
+committed; run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dtrain import signals
+from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, PreemptedError
+
+logger = logging.getLogger("dtrain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"dtrain: config error: {e}", file=sys.stderr)
+        return signals.EXIT_CONFIG
+    except PreemptedError as e:
+        logger.warning("%s", e)
+        return signals.EXIT_PREEMPTED
+    except DTrainError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return signals.EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train, resuming from the run dir's newest committed snapshot")
+    train.add_argument("--config", help="TOML config file (defaults apply without one)")
+    train.add_argument("--run-dir", required=True, help="directory this run owns: snapshots, metrics")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value; repeatable")
+    train.set_defaults(func=cmd_train)
+
+    ckpt = commands.add_parser("ckpt", help="inspect and manage snapshots").add_subparsers(dest="ckpt", required=True)
+    p = ckpt.add_parser("list", help="committed snapshots of a run dir, oldest first")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = ckpt.add_parser("show", help="a snapshot's manifest")
+    p.add_argument("snapshot", help="a snapshot dir, or a run dir for its newest snapshot")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = ckpt.add_parser("verify", help="check every file against its recorded size and checksum")
+    p.add_argument("target", help="a snapshot dir, or a run dir to verify all its snapshots")
+    p.set_defaults(func=cmd_verify)
+    p = ckpt.add_parser("export", help="write the model weights as safetensors")
+    p.add_argument("target", help="a snapshot dir, or a run dir (its newest snapshot)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--best", action="store_true", help="from a run dir: the best snapshot by the run's best_metric")
+    p.set_defaults(func=cmd_export)
+    p = ckpt.add_parser("prune", help="apply the run's retention policy now")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dtrain.config import load_config, validate_for_world
+    from dtrain.dist import env_world_size, init_distributed, shutdown
+    from dtrain.report import Reporter
+    from dtrain.snapshot.layout import METRICS
+    from dtrain.storage import LocalStorage
+    from dtrain.task import load_task
+    from dtrain.trainer import Trainer
+
+    cfg = load_config(args.config, args.set)  # every check before the run dir is touched
+    validate_for_world(cfg, env_world_size())
+    task = load_task(cfg.task)
+    preemption = signals.PreemptionFlag().install()
+    ctx = init_distributed(cfg)
+    try:
+        run_dir = Path(args.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
+                            every=cfg.train.log_every_steps)
+        Trainer(cfg, task, LocalStorage(run_dir), ctx, reporter=reporter, preemption=preemption).fit()
+        return signals.EXIT_OK
+    finally:
+        shutdown()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from dtrain.snapshot import reader
+
+    storage = _run_storage(Path(args.run_dir))
+    rows = []
+    for step in reader.committed_steps(storage):
+        try:
+            m = reader.read_manifest(storage, step)
+        except DTrainError as e:
+            logger.warning("%s", e)
+            continue
+        rows.append({"step": m.step, "path": str(storage.path(_snapshot_rel(step))), "world_size": m.world_size,
+                     "metrics": m.metrics, "bytes": m.total_bytes, "created_unix": m.created_unix})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'step':>10}  {'world':>5}  {'MB':>9}  metrics")
+        for r in rows:
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items() if isinstance(v, float))
+            print(f"{r['step']:>10}  {r['world_size']:>5}  {r['bytes'] / 1e6:>9.2f}  {metrics}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from dtrain.snapshot import reader
+
+    storage, step = _resolve_snapshot(Path(args.snapshot))
+    m = reader.read_manifest(storage, step)
+    if args.json:
+        print(json.dumps(asdict(m), indent=2))
+        return 0
+    print(f"snapshot     {storage.path(_snapshot_rel(step))}")
+    print(f"step         {m.step}")
+    print(f"world size   {m.world_size}")
+    print(f"progress     {json.dumps(m.progress)}")
+    print(f"metrics      {json.dumps(m.metrics)}")
+    print(f"versions     {json.dumps(m.versions)}")
+    print(f"files        {len(m.files)} ({m.total_bytes / 1e6:.2f} MB)")
+    for name, f in sorted(m.files.items()):
+        print(f"  {name:<24} {f.bytes:>12} bytes  crc32 {f.crc32:08x}  written by rank {f.writer}")
+    print(f"tensors      {len(m.tensors)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from dtrain.snapshot import reader
+
+    target = Path(args.target)
+    if _is_snapshot_dir(target):
+        storage, step = _resolve_snapshot(target)
+        steps = [step]
+    else:
+        storage = _run_storage(target)
+        steps = reader.committed_steps(storage)
+        if not steps:
+            raise NoSnapshotError(f"{target}: no committed snapshot to verify")
+    bad = 0
+    for step in steps:
+        problems = reader.verify(storage, step)
+        where = storage.path(_snapshot_rel(step))
+        print(f"{'OK ' if not problems else 'BAD'} {where}")
+        for p in problems:
+            print(f"    {p}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dtrain.export import export_safetensors
+
+    target = Path(args.target)
+    if _is_snapshot_dir(target):
+        storage, step = _resolve_snapshot(target)
+    else:
+        storage, step = _run_storage(target), None
+    written = export_safetensors(storage, step, Path(args.out), best=args.best)
+    print(f"exported step {written} to {args.out}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from dtrain.export import prune_run
+
+    deleted = prune_run(_run_storage(Path(args.run_dir)))
+    print(f"deleted {len(deleted)} snapshot(s): {deleted}")
+    return 0
+
+
+def _snapshot_rel(step: int) -> str:
+    from dtrain.snapshot.layout import committed_path
+
+    return committed_path(step)
+
+
+def _is_snapshot_dir(path: Path) -> bool:
+    from dtrain.snapshot.layout import parse_step_dir
+
+    return parse_step_dir(path.name) is not None
+
+
+def _resolve_snapshot(path: Path) -> tuple[Any, int]:
+    """(storage of its run dir, step) for a snapshot dir, or for a run dir's newest snapshot."""
+    from dtrain.snapshot import reader
+    from dtrain.snapshot.layout import parse_step_dir
+    from dtrain.storage import LocalStorage
+
+    step = parse_step_dir(path.name)
+    if step is not None:
+        if not path.is_dir():
+            raise NoSnapshotError(f"{path}: no such snapshot directory")
+        return LocalStorage(path.parent.parent), step
+    storage = _run_storage(path)
+    return storage, reader.newest_step(storage)
+
+
+def _run_storage(path: Path) -> Any:
+    from dtrain.snapshot.layout import SNAPSHOTS
+    from dtrain.storage import LocalStorage
+
+    if not (path / SNAPSHOTS).is_dir():
+        raise NoSnapshotError(f"{path}: not a run dir (no {SNAPSHOTS}/ inside); pass the --run-dir of a training run")
+    return LocalStorage(path)

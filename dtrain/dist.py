@@ -1,0 +1,143 @@
+"""The process group, from torchrun's environment or for a single process.
+
+Two channels are set up beside the training group:
+
+- `cpu_group`, a gloo group for small CPU-side agreements (preemption flags, restore
+  broadcasts); it is the training group itself when that one is gloo already.
+- `store`, a key-value store client of its own, used by background snapshot threads. A
+  background thread must never issue collectives on the training group: they would interleave
+  with the training loop's and deadlock. Store keys carry a per-launch nonce so a restarted
+  group never reads a previous attempt's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dtrain.config import AUTO, Config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    cpu_group: dist.ProcessGroup | None
+    store: dist.Store
+    restart_count: int
+    timeout: timedelta
+    nonce: str
+    """Random per launch, agreed by all ranks: names this attempt's store keys and pending dirs."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, *flags: bool) -> list[bool]:
+        """For each flag, whether it is set on any rank: one small all-reduce, so ranks decide together."""
+        if self.world_size == 1:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return [bool(v) for v in t.tolist()]
+
+    def broadcast(self, buf: torch.Tensor, src: int) -> None:
+        """Broadcast a CPU tensor in place over the CPU group."""
+        if self.world_size > 1:
+            dist.broadcast(buf, src=src, group=self.cpu_group)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.cpu_group)
+
+    def exchange(self, key: str, value: str) -> list[str]:
+        """Every rank's `value`, through the store (no collective), in rank order."""
+        self.store.set(f"{key}/{self.rank}", value)
+        keys = [f"{key}/{r}" for r in range(self.world_size)]
+        self.store.wait(keys, self.timeout)
+        return [self.store.get(k).decode() for k in keys]
+
+
+def solo_context() -> DistContext:
+    """A context for one process with no process group: `dtrain ckpt` commands and tests."""
+    return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="none",
+                       cpu_group=None, store=dist.HashStore(), restart_count=0, timeout=timedelta(seconds=60),
+                       nonce=secrets.token_hex(8))
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced, known before the group exists (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def choose_device(cfg: Config, local_rank: int) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" or (wanted == AUTO and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config) -> DistContext:
+    """Join (or, alone, create) the process group; every collective is bounded by dist.timeout_seconds."""
+    timeout = timedelta(seconds=cfg.dist.timeout_seconds)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device(cfg, local_rank)
+    backend = _choose_backend(cfg, device)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    nonce = _agree_nonce(cpu_group)
+    store = dist.PrefixStore(f"dtrain/{nonce}", _open_store(timeout))
+    ctx = DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        cpu_group=cpu_group,
+        store=store,
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        timeout=timeout,
+        nonce=nonce,
+    )
+    logger.debug("rank %d/%d joined (%s on %s)", ctx.rank, ctx.world_size, backend, device)
+    return ctx
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _choose_backend(cfg: Config, device: torch.device) -> str:
+    if cfg.dist.backend != AUTO:
+        return cfg.dist.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _agree_nonce(cpu_group: dist.ProcessGroup | None) -> str:
+    t = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+    dist.broadcast(t, src=0, group=cpu_group)
+    return f"{int(t.item()):016x}"
+
+
+def _open_store(timeout: timedelta) -> dist.Store:
+    if "MASTER_ADDR" not in os.environ:
+        return dist.HashStore()
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )

@@ -1,0 +1,61 @@
+"""Model weights out of a snapshot, for inference; and retention applied by hand."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dtrain.config import SnapshotConfig
+from dtrain.dist import solo_context
+from dtrain.errors import NoSnapshotError
+from dtrain.snapshot import reader, retention
+from dtrain.snapshot.manager import SnapshotManager
+from dtrain.snapshot.tree import unflatten
+from dtrain.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+def export_safetensors(storage: Storage, step: int | None, out: Path, best: bool = False) -> int:
+    """Write the model of snapshot `step` (default: the newest, or the best with `best`) to `out`.
+
+    The file holds the model's state dict under its own names and nothing that varies between
+    runs, so equal weights give equal bytes.
+    """
+    if step is None:
+        step = best_step(storage) if best else reader.newest_step(storage)
+    manifest, tensors = reader.read_tensors(storage, step, "model/")
+    state = unflatten(manifest.objects["model"], tensors)
+    weights = {name: t.contiguous() for name, t in state.items() if isinstance(t, torch.Tensor)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out), metadata={"format": "pt"})
+    logger.info("exported %d tensors of step %d to %s", len(weights), step, out)
+    return step
+
+
+def best_step(storage: Storage) -> int:
+    """The best committed snapshot by the run's own `snapshot.best_metric` and `best_mode`."""
+    cfg = _run_snapshot_config(storage)
+    infos = [retention.SnapshotInfo(s, reader.read_manifest(storage, s).metrics.get(cfg.best_metric))
+             for s in reader.committed_steps(storage)]
+    ranked = retention.best(infos, 1, cfg.best_mode)
+    if not ranked:
+        raise NoSnapshotError(f"no committed snapshot records the metric {cfg.best_metric!r}; "
+                              "export the newest instead (drop --best)")
+    return ranked[0].step
+
+
+def prune_run(storage: Storage) -> list[int]:
+    """Apply the retention policy of the run's newest snapshot now."""
+    manager = SnapshotManager(storage, _run_snapshot_config(storage), solo_context())
+    return manager.prune(protected=frozenset({reader.newest_step(storage)}))
+
+
+def _run_snapshot_config(storage: Storage) -> SnapshotConfig:
+    from dtrain.config import config_from_dict
+
+    manifest = reader.read_manifest(storage, reader.newest_step(storage))
+    return config_from_dict({"snapshot": manifest.config.get("snapshot", {})}).snapshot

@@ -1,0 +1,172 @@
+"""When to snapshot, what to restore, and what to keep.
+
+The manager owns the decisions around the writer: the triggers (every N steps, every T seconds,
+epoch end, preemption, the end of the run), the failure policy (warn and retry at the next
+snapshot; stop after `max_consecutive_failures` in a row), resume (the newest committed snapshot
+that verifies; a corrupt one is reported by name and the previous one used), and retention after
+each commit (decided from the manifests on disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dtrain.config import AUTO, SnapshotConfig
+from dtrain.dist import DistContext
+from dtrain.errors import CorruptSnapshotError, SnapshotError
+from dtrain.snapshot import layout, reader, retention
+from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotWriter
+from dtrain.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+_AUTO_FIRST_STEP = 10  # under `every_steps = "auto"`, the first save measures what a save costs
+
+
+class SnapshotManager:
+    def __init__(self, storage: Storage, cfg: SnapshotConfig, ctx: DistContext) -> None:
+        self.storage = storage
+        self.cfg = cfg
+        self.ctx = ctx
+        self.writer = SnapshotWriter(storage, ctx, file_bytes=cfg.file_mb << 20,
+                                     timeout_seconds=cfg.timeout_seconds, after_commit=self._after_commit)
+        self.consecutive_failures = 0
+        self.last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._save_cost: float | None = None
+        self._write_seconds = 0.0
+        self._step_seconds: float | None = None
+
+    # -- start -------------------------------------------------------------------------------
+
+    def prepare_run_dir(self) -> None:
+        """Create the layout and drop what crashed saves left in `.pending/` (rank 0), then barrier."""
+        if self.ctx.is_main:
+            self.storage.makedirs(layout.PENDING)
+            for name in self.storage.listdir(layout.PENDING):
+                logger.info("removing uncommitted leftover %s/%s", layout.PENDING, name)
+                self.storage.remove_tree(f"{layout.PENDING}/{name}")
+        self.ctx.barrier()
+
+    def restore_latest(self) -> reader.Restored | None:
+        """The newest committed snapshot that verifies, restored on every rank; None when there is none."""
+        for step in reversed(self._agreed_steps()):
+            try:
+                restored = reader.restore(self.storage, step, self.ctx)
+            except CorruptSnapshotError as e:
+                logger.warning("%s; falling back to the previous committed snapshot", e)
+                continue
+            self.last_saved_step = step
+            return restored
+        return None
+
+    def _agreed_steps(self) -> list[int]:
+        """Rank 0's listing, so every rank tries the same snapshots in the same order."""
+        steps = reader.committed_steps(self.storage) if self.ctx.is_main else []
+        listed = self.ctx.exchange("resume/steps", ",".join(map(str, steps)))[0]
+        return [int(s) for s in listed.split(",") if s]
+
+    # -- triggers ----------------------------------------------------------------------------
+
+    def is_time_due(self) -> bool:
+        """This rank's opinion that `every_seconds` elapsed; ranks combine it with `DistContext.any`."""
+        every = self.cfg.every_seconds
+        return every > 0 and time.monotonic() - self._last_save_time >= every
+
+    def is_step_due(self, step: int) -> bool:
+        every = self.cfg.every_steps
+        if every == AUTO:
+            every = self.auto_interval()
+            if every is None:
+                return step == _AUTO_FIRST_STEP
+        return every > 0 and step % every == 0
+
+    def observe_step_time(self, seconds: float) -> None:
+        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+
+    def auto_interval(self) -> int | None:
+        """Young/Daly: the interval that minimizes expected lost work, sqrt(2 * cost * MTBF), in steps."""
+        if self._save_cost is None or not self._step_seconds:
+            return None
+        # With asynchronous saves the cost to training is the stall; but saving more often than a
+        # write takes would only queue saves behind each other.
+        seconds = max(math.sqrt(2 * self._save_cost * self.cfg.mtbf_seconds), self._write_seconds)
+        return max(1, round(seconds / self._step_seconds))
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save(self, step: int, replicated: dict[str, Any], private: dict[str, Any], meta: dict[str, Any],
+             reason: str) -> PendingSnapshot | None:
+        """Start a save of `step` (once per step). A failed earlier save is counted here."""
+        if step == self.last_saved_step:
+            return None
+        self._settle_previous()
+        logger.info("snapshot of step %d (%s) staging", step, reason)
+        pending = self.writer.save(step, replicated, private, meta)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        return pending
+
+    def wait(self) -> SaveResult | None:
+        """Wait for the save in flight; raises if it failed (its failure is counted)."""
+        return self._settle_previous(strict=True)
+
+    def _settle_previous(self, strict: bool = False) -> SaveResult | None:
+        try:
+            result = self.writer.wait()
+        except SnapshotError as e:
+            self.consecutive_failures += 1
+            limit = self.cfg.max_consecutive_failures
+            if strict or self.consecutive_failures >= limit:
+                raise SnapshotError(f"{e} ({self.consecutive_failures} failed save(s) in a row, "
+                                    f"snapshot.max_consecutive_failures={limit})") from e
+            logger.warning("SNAPSHOT FAILED: %s; training continues and retries at the next snapshot "
+                           "(%d of snapshot.max_consecutive_failures=%d)", e, self.consecutive_failures, limit)
+            return None
+        if result is not None:
+            self.consecutive_failures = 0
+            self._save_cost = result.stall_seconds
+            self._write_seconds = result.commit_seconds
+        return result
+
+    # -- after commit (rank 0, background thread) ----------------------------------------------
+
+    def _after_commit(self, result: SaveResult) -> None:
+        logger.info("snapshot step %d committed: %.1f MB, stall %.3fs, commit %.3fs after staging -> %s",
+                    result.step, result.bytes / 1e6, result.stall_seconds, result.commit_seconds, result.path)
+        try:
+            self.prune(protected=frozenset({result.step}))
+        except Exception as e:  # retention must never fail a save that is already committed
+            logger.warning("retention after step %d failed and will be retried next time: %s", result.step, e)
+
+    def prune(self, protected: frozenset[int] = frozenset()) -> list[int]:
+        """Delete the committed snapshots the retention policy does not keep; returns their steps."""
+        infos = []
+        for step in reader.committed_steps(self.storage):
+            try:
+                metric = reader.read_manifest(self.storage, step).metrics.get(self.cfg.best_metric)
+            except CorruptSnapshotError:
+                metric = None
+            infos.append(retention.SnapshotInfo(step, metric))
+        doomed = retention.to_delete(infos, self.policy(), protected)
+        for step in doomed:
+            delete_snapshot(self.storage, step, self.ctx.nonce)
+        return doomed
+
+    def policy(self) -> retention.RetentionPolicy:
+        c = self.cfg
+        return retention.RetentionPolicy(c.keep_last, c.keep_best, c.best_mode, c.keep_every)
+
+
+def delete_snapshot(storage: Storage, step: int, nonce: str) -> None:
+    """Make the snapshot invisible with one atomic rename, then delete its files at leisure."""
+    graveyard = f"{layout.PENDING}/deleting-{layout.step_dir_name(step)}.{nonce}"
+    storage.makedirs(layout.PENDING)
+    storage.rename(layout.committed_path(step), graveyard)
+    storage.sync_dir(layout.SNAPSHOTS)
+    storage.remove_tree(graveyard)
+    logger.info("retention deleted %s", layout.step_dir_name(step))

@@ -1,0 +1,164 @@
+"""The manifest: the JSON document that makes a directory of files a snapshot.
+
+Rank 0 writes it last, after every rank's files are durable. It lists every file with its size
+and CRC-32, and every tensor with its dtype, shape and the byte ranges (pieces) that hold it.
+Parsing treats it as hostile: file names must be plain names inside the snapshot, sizes and
+counts must be plausible and consistent, and nothing in it is ever executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from dtrain.errors import UnsafeSnapshotError
+
+FORMAT = "dtrain-snapshot"
+VERSION = 1
+MAX_MANIFEST_BYTES = 256 << 20
+_MAX_FILES = 1_000_000
+_MAX_TENSORS = 10_000_000
+_MAX_BYTES = 1 << 50  # 1 PiB: any larger size is corruption, not data
+_MAX_WORLD = 1 << 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+               torch.uint64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UnsafeSnapshotError(f"tensors of dtype {dtype} cannot be snapshotted; convert them to a standard dtype")
+    return name
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: str
+    file_offset: int
+    tensor_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: list[int]
+    pieces: list[Piece]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    crc32: int
+    writer: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    world_size: int
+    created_unix: float
+    progress: dict[str, Any]
+    metrics: dict[str, float]
+    config: dict[str, Any]
+    versions: dict[str, str]
+    objects: dict[str, Any]
+    """JSON skeletons of the replicated objects (model, optimizer, scheduler), see `tree`."""
+    per_rank: list[dict[str, Any]]
+    """Per rank, the skeletons of its private objects (its RNG)."""
+    tensors: dict[str, TensorEntry]
+    files: dict[str, FileEntry]
+    format: str = FORMAT
+    version: int = VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UnsafeSnapshotError(f"{where}: manifest is not valid JSON ({e})") from None
+        try:
+            manifest = _parse(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UnsafeSnapshotError(f"{where}: manifest is malformed ({type(e).__name__}: {e})") from None
+        check(manifest, where)
+        return manifest
+
+
+def _parse(raw: dict[str, Any]) -> Manifest:
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, expected {FORMAT!r} {VERSION}")
+    tensors = {
+        str(k): TensorEntry(str(v["dtype"]), [int(d) for d in v["shape"]], [Piece(**p) for p in v["pieces"]])
+        for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()
+    }
+    files = {str(k): FileEntry(**v) for k, v in _bounded(raw["files"], _MAX_FILES, "files").items()}
+    return Manifest(
+        step=int(raw["step"]), world_size=int(raw["world_size"]), created_unix=float(raw["created_unix"]),
+        progress=dict(raw["progress"]), metrics=dict(raw["metrics"]), config=dict(raw["config"]),
+        versions=dict(raw["versions"]), objects=dict(raw["objects"]), per_rank=list(raw["per_rank"]),
+        tensors=tensors, files=files, extra=dict(raw.get("extra", {})),
+    )
+
+
+def _bounded(d: Any, limit: int, what: str) -> dict:
+    if not isinstance(d, dict) or len(d) > limit:
+        raise ValueError(f"`{what}` must be an object of at most {limit} entries")
+    return d
+
+
+def check(m: Manifest, where: str) -> None:
+    """Refuse a manifest whose names or numbers could not come from a real save."""
+    _expect(0 <= m.step < _MAX_BYTES, where, f"step {m.step} is out of range")
+    _expect(1 <= m.world_size <= _MAX_WORLD, where, f"world_size {m.world_size} is out of range")
+    _expect(len(m.per_rank) == m.world_size, where, f"{len(m.per_rank)} per-rank entries for world size {m.world_size}")
+    for name, f in m.files.items():
+        _expect(bool(_SAFE_NAME.match(name)) and ".." not in name, where,
+                f"file name {name!r} is not a plain file name inside the snapshot")
+        _expect(0 <= f.bytes <= _MAX_BYTES, where, f"file {name} claims {f.bytes} bytes")
+        _expect(0 <= f.writer < m.world_size, where, f"file {name} has writer {f.writer}")
+    for key, t in m.tensors.items():
+        _check_tensor(key, t, m.files, where)
+
+
+def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: str) -> None:
+    _expect(t.dtype in DTYPES, where, f"tensor {key} has unknown dtype {t.dtype!r}")
+    _expect(all(0 <= d <= _MAX_BYTES for d in t.shape) and len(t.shape) <= 64, where,
+            f"tensor {key} has shape {t.shape}")
+    _expect(t.nbytes <= _MAX_BYTES, where, f"tensor {key} claims {t.nbytes} bytes")
+    covered = 0
+    for p in t.pieces:
+        _expect(p.file in files, where, f"tensor {key} refers to unlisted file {p.file!r}")
+        _expect(p.tensor_offset == covered and p.nbytes >= 0, where, f"tensor {key} has a gap or overlap at byte {covered}")
+        _expect(0 <= p.file_offset and p.file_offset + p.nbytes <= files[p.file].bytes, where,
+                f"tensor {key} reads past the end of {p.file}")
+        covered += p.nbytes
+    _expect(covered == t.nbytes, where, f"tensor {key} pieces hold {covered} bytes, its shape needs {t.nbytes}")
+
+
+def _expect(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise UnsafeSnapshotError(f"{where}: refusing a hostile or corrupt manifest: {what}")
