@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # every check before the run dir is touched
     validate_for_world(cfg, env_world_size())
     task = load_task(cfg.task)
-    preemption = signals.PreemptionFlag().install()
+    preemption = signals.PreemptionFlag()
     ctx = init_distributed(cfg)
     try:
         run_dir = Path(args.run_dir)

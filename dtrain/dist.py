@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,16 +96,14 @@ def init_distributed(cfg: Config) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(cfg, local_rank)
     backend = _choose_backend(cfg, device)
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    rank, world_size = int(os.environ.get("RANK", "0")), env_world_size()
+    group_store, store = group_stores(rank, timeout)
+    dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
     cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    nonce = _agree_nonce(cpu_group)
-    store = dist.PrefixStore(f"dtrain/{nonce}", _open_store(timeout))
     ctx = DistContext(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
+        rank=rank,
+        world_size=world_size,
         local_rank=local_rank,
         device=device,
         backend=backend,
@@ -112,7 +111,7 @@ def init_distributed(cfg: Config) -> DistContext:
         store=store,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         timeout=timeout,
-        nonce=nonce,
+        nonce=_agree_nonce(cpu_group),
     )
     logger.debug("rank %d/%d joined (%s on %s)", ctx.rank, ctx.world_size, backend, device)
     return ctx
@@ -135,9 +134,49 @@ def _agree_nonce(cpu_group: dist.ProcessGroup | None) -> str:
     return f"{int(t.item()):016x}"
 
 
-def _open_store(timeout: timedelta) -> dist.Store:
+def group_stores(rank: int, timeout: timedelta) -> tuple[dist.Store, dist.Store]:
+    """Two clients of a store that belongs to this group alone: one for the process group, one for
+    background snapshot threads.
+
+    torchrun keeps one store for the whole job and does not clear it between restarts, so keys a
+    dead group wrote (gloo's peer addresses among them) are still there when the next group joins:
+    a restarted rank can read its peer's old address and fail with "connectFullMesh ... Connection
+    refused", or wait on it. So global rank 0 hosts a fresh store on a free port and publishes
+    `port:nonce` in torchrun's store; the others connect and check the nonce, which tells a stale
+    announcement from the current one.
+    """
     if "MASTER_ADDR" not in os.environ:
-        return dist.HashStore()
-    return dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
-    )
+        solo = dist.HashStore()
+        return solo, solo
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # no torchrun: rank 0 hosts at MASTER_PORT
+        first = dist.TCPStore(host, port, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+        return first, dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    job_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        nonce = secrets.token_hex(8)
+        fresh = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        fresh.set("nonce", nonce)
+        job_store.set(_ANNOUNCE_KEY, f"{fresh.port}:{nonce}")
+        return fresh, dist.TCPStore(host, fresh.port, is_master=False, timeout=timeout)
+    client = _join_announced(job_store, host, timeout)
+    return client, dist.TCPStore(host, client.port, is_master=False, timeout=timeout)
+
+
+_ANNOUNCE_KEY = "dtrain/group_store"
+
+
+def _join_announced(job_store: dist.Store, host: str, timeout: timedelta) -> dist.Store:
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        job_store.wait([_ANNOUNCE_KEY], timeout)
+        port, nonce = job_store.get(_ANNOUNCE_KEY).decode().split(":")
+        try:
+            client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+            if client.get("nonce").decode() == nonce:
+                return client
+        except (RuntimeError, dist.DistStoreError):
+            pass  # a previous group's announcement: its store is gone, or the port now serves another
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 announced no reachable group store within {timeout}; is rank 0 alive?")
+        time.sleep(0.2)

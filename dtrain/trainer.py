@@ -77,12 +77,14 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         resumed_from = self.resume()
+        self.preemption.install()  # from here on a signal means: save this step, then stop
         while self.progress.step < self.cfg.train.steps:
             started = time.perf_counter()
             loss = self.train_step()
             self.snapshots.observe_step_time(time.perf_counter() - started)
             self.after_step(loss)
         self.finish()
+        self.preemption.uninstall()
         return TrainResult(self.progress.step, dict(self.metrics), resumed_from)
 
     # -- resume ------------------------------------------------------------------------------

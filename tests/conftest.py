@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--chaos-trials", type=int, default=12, help="kill-and-restart trials in the crash harness")
+
+
+@pytest.fixture
+def chaos_trials(request: pytest.FixtureRequest) -> int:
+    return request.config.getoption("--chaos-trials")
+
+
+def dtrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dtrain", *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *extra, "-m", "dtrain", *args]
+
+
+def run(cmd: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    """Run a command to completion with an outer timeout; the whole process group dies on timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=kw.pop("cwd", REPO), start_new_session=True, **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")

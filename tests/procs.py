@@ -1,0 +1,75 @@
+"""Finding and killing the processes a launcher started, as a scheduler or a failure would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def workers(agent_pid: int, timeout: float = 60.0) -> list[int]:
+    """The worker processes of a torchrun agent that run dtrain (waits until they exist)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [p for p in children(agent_pid) if b"dtrain" in _cmdline(p)]
+        if pids:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun agent {agent_pid} started no dtrain worker within {timeout}s")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll `condition()` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for p in frontier for c in children(p)]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything under it: torchrun starts workers in sessions of their own."""
+    for p in [pid, *descendants(pid)]:
+        kill(p, signal.SIGKILL)
+
+
+def kill(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False

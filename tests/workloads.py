@@ -1,0 +1,63 @@
+"""Training runs executed inside `run_ranks` processes (module-level so spawn can import them)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.config import load_config
+from dtrain.dist import init_distributed
+from dtrain.errors import DTrainError
+from dtrain.storage import LocalStorage
+from dtrain.task import load_task
+from dtrain.trainer import Trainer
+
+SMALL = ["task.options.num_samples=480", "task.options.eval_samples=64", "task.options.hidden=32",
+         "train.global_batch_size=32", "train.log_every_steps=1000"]
+
+
+def train(run_dir: str, overrides: list[str], storage: Any = None) -> dict[str, Any]:
+    """Train (resuming from `run_dir`); return the final state and the sample ids of each step on this rank."""
+    cfg = load_config(None, SMALL + overrides)
+    ctx = init_distributed(cfg)
+    ledger: dict[int, list[int]] = {}
+    trainer = Trainer(cfg, load_task(cfg.task), storage or LocalStorage(run_dir), ctx,
+                      on_batch=lambda step, ids: ledger.__setitem__(step, ids.tolist()))
+    error = None
+    try:
+        result = trainer.fit()
+    except DTrainError as e:
+        error, result = str(e), None
+    return {
+        "rank": ctx.rank,
+        "error": error,
+        "resumed_from": result.resumed_from if result else None,
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "ledger": ledger,
+        "rng": torch.get_rng_state(),
+    }
+
+
+class FailingStorage(LocalStorage):
+    """A local disk that reports ENOSPC when `fail_rank` writes a shard of step `fail_step`."""
+
+    def __init__(self, root: str, rank: int, fail_rank: int, fail_step: int) -> None:
+        super().__init__(root)
+        self.should_fail = rank == fail_rank
+        self.marker = f"step_{fail_step:09d}."
+
+    def open_write(self, path: str):
+        if self.should_fail and self.marker in path:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
+        return super().open_write(path)
+
+
+def train_with_failing_rank(run_dir: str, overrides: list[str], fail_rank: int, fail_step: int) -> dict[str, Any]:
+    import os
+
+    storage = FailingStorage(run_dir, int(os.environ["RANK"]), fail_rank, fail_step)
+    return train(run_dir, overrides, storage)
