@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ def validate(cfg: Config) -> None:
     """Range checks that need more than a type; raises ConfigError naming the key and the fix."""
     t, s, d = cfg.train, cfg.snapshot, cfg.dist
     _require(t.steps >= 1, "train.steps", t.steps, "set it to the total number of optimizer steps (>= 1)")
+    _require(t.seed >= 0, "train.seed", t.seed, "use a non-negative integer seed")
     _require(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, "use a positive batch size")
     _require(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "use 0 (with snapshots) or a positive N")
     _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "use a positive N")
@@ -186,19 +188,19 @@ def validate(cfg: Config) -> None:
     every = s.every_steps
     _require(every == AUTO or (isinstance(every, int) and every >= 0), "snapshot.every_steps", every,
              'use a step count >= 0 or "auto"')
-    _require(s.every_seconds >= 0, "snapshot.every_seconds", s.every_seconds, "use 0 (off) or a positive number")
+    _require(0 <= s.every_seconds < math.inf, "snapshot.every_seconds", s.every_seconds, "use 0 (off) or a positive number")
     _require(s.keep_last >= 1, "snapshot.keep_last", s.keep_last, "keep at least 1 snapshot")
     _require(s.keep_best >= 0, "snapshot.keep_best", s.keep_best, "use 0 (off) or a positive K")
     _require(s.best_mode in ("min", "max"), "snapshot.best_mode", s.best_mode, "use min or max")
     _require(bool(s.best_metric), "snapshot.best_metric", s.best_metric, "name a metric such as val_loss")
     _require(s.keep_every >= 0, "snapshot.keep_every", s.keep_every, "use 0 (off) or a positive M")
     _require(s.max_consecutive_failures >= 1, "snapshot.max_consecutive_failures", s.max_consecutive_failures, "use 1 or more")
-    _require(s.timeout_seconds > 0, "snapshot.timeout_seconds", s.timeout_seconds, "use a positive number of seconds")
+    _require(0 < s.timeout_seconds < math.inf, "snapshot.timeout_seconds", s.timeout_seconds, "use a positive, finite number of seconds")
     _require(s.file_mb >= 1, "snapshot.file_mb", s.file_mb, "use a positive size in MiB")
     _require(s.staging in (AUTO, "copy", "fork"), "snapshot.staging", s.staging, "use auto, copy or fork")
-    _require(s.mtbf_seconds > 0, "snapshot.mtbf_seconds", s.mtbf_seconds, "use a positive number of seconds")
+    _require(0 < s.mtbf_seconds < math.inf, "snapshot.mtbf_seconds", s.mtbf_seconds, "use a positive, finite number of seconds")
     _require(d.backend in (AUTO, "gloo", "nccl"), "dist.backend", d.backend, "use auto, gloo or nccl")
-    _require(d.timeout_seconds > 0, "dist.timeout_seconds", d.timeout_seconds, "use a positive number of seconds")
+    _require(0 < d.timeout_seconds < math.inf, "dist.timeout_seconds", d.timeout_seconds, "use a positive, finite number of seconds")
     for key in ("model", "data", "optimizer", "loss"):
         _require_entry_point(f"task.{key}", getattr(cfg.task, key), optional=False)
     _require_entry_point("task.scheduler", cfg.task.scheduler, optional=True)
@@ -215,8 +217,8 @@ def _require_entry_point(name: str, value: str, optional: bool) -> None:
     if optional and value == "":
         return
     module, _, function = value.partition(":")
-    _require(bool(module) and bool(function) and " " not in value, name, value,
-             "write it as `package.module:function`")
+    _require(bool(module) and bool(function) and " " not in value and not module.startswith("."), name, value,
+             "write it as `package.module:function` (an absolute module path)")
 
 
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -230,8 +232,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; pass an existing TOML file to --config") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax at that line") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); pass a readable TOML file to --config") from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

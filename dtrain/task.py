@@ -37,7 +37,7 @@ def resolve(key: str, spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, TypeError, ValueError) as e:  # TypeError: a relative path such as ".mod"
         raise ConfigError(f"{key} = {spec!r}: cannot import module {module_name!r} ({e}); "
                           "install it or fix the module path") from None
     fn = getattr(module, attr, None)

@@ -165,7 +165,6 @@ def test_two_tensors_on_the_same_path_get_distinct_keys() -> None:
     assert_same(got, obj)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the `path#N` key for a repeated path is not checked for a collision")
 def test_a_disambiguated_key_never_overwrites_another_tensor() -> None:
     t0, t1, t2 = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     obj = {"a/b#2": t2, "a": {"b": t0}, "a/b": t1}
@@ -213,7 +212,6 @@ def test_unflatten_refuses_a_tensor_the_manifest_does_not_describe(skeleton: Any
         unflatten(skeleton, {"present": torch.zeros(1)})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a malformed tag raises TypeError/ValueError, not UnsafeSnapshotError")
 @pytest.mark.parametrize("skeleton", [{"__tuple__": 5}, {"__dict__": 5}, {"__dict__": [[1]]}, {"__dict__": [[[1], 2]]}])
 def test_unflatten_refuses_a_malformed_tag(skeleton: Any) -> None:
     with pytest.raises(UnsafeSnapshotError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ _MAX_FILES = 1_000_000
 _MAX_TENSORS = 10_000_000
 _MAX_BYTES = 1 << 50  # 1 PiB: any larger size is corruption, not data
 _MAX_WORLD = 1 << 20
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 DTYPES: dict[str, torch.dtype] = {
     str(dt).removeprefix("torch."): dt
@@ -98,30 +98,61 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str) -> Manifest:
         try:
             raw = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UnsafeSnapshotError(f"{where}: manifest is not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise UnsafeSnapshotError(f"{where}: manifest is not valid JSON ({type(e).__name__}: {e})") from None
         try:
             manifest = _parse(raw)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UnsafeSnapshotError(f"{where}: manifest is malformed ({type(e).__name__}: {e})") from None
         check(manifest, where)
         return manifest
 
 
-def _parse(raw: dict[str, Any]) -> Manifest:
+def _parse(raw: Any) -> Manifest:
+    raw = _of(dict, raw, "manifest")
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, expected {FORMAT!r} {VERSION}")
     tensors = {
-        str(k): TensorEntry(str(v["dtype"]), [int(d) for d in v["shape"]], [Piece(**p) for p in v["pieces"]])
+        k: TensorEntry(_of(str, v["dtype"], "dtype"), [_int(d, "shape") for d in _of(list, v["shape"], "shape")],
+                       [_piece(p) for p in _of(list, v["pieces"], "pieces")])
         for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()
     }
-    files = {str(k): FileEntry(**v) for k, v in _bounded(raw["files"], _MAX_FILES, "files").items()}
+    files = {k: FileEntry(_int(v["bytes"], "bytes"), _int(v["crc32"], "crc32"), _int(v["writer"], "writer"))
+             for k, v in _bounded(raw["files"], _MAX_FILES, "files").items() if _fields(v, FileEntry, k)}
     return Manifest(
-        step=int(raw["step"]), world_size=int(raw["world_size"]), created_unix=float(raw["created_unix"]),
-        progress=dict(raw["progress"]), metrics=dict(raw["metrics"]), config=dict(raw["config"]),
-        versions=dict(raw["versions"]), objects=dict(raw["objects"]), per_rank=list(raw["per_rank"]),
-        tensors=tensors, files=files, extra=dict(raw.get("extra", {})),
+        step=_int(raw["step"], "step"), world_size=_int(raw["world_size"], "world_size"),
+        created_unix=float(_of((int, float), raw["created_unix"], "created_unix")),
+        progress=_of(dict, raw["progress"], "progress"), metrics=_of(dict, raw["metrics"], "metrics"),
+        config=_of(dict, raw["config"], "config"), versions=_of(dict, raw["versions"], "versions"),
+        objects=_of(dict, raw["objects"], "objects"),
+        per_rank=[_of(dict, r, "per_rank") for r in _of(list, raw["per_rank"], "per_rank")],
+        tensors=tensors, files=files, extra=_of(dict, raw.get("extra", {}), "extra"),
     )
+
+
+def _piece(p: Any) -> Piece:
+    p = _fields(p, Piece, "piece")
+    return Piece(_of(str, p["file"], "file"), _int(p["file_offset"], "file_offset"),
+                 _int(p["tensor_offset"], "tensor_offset"), _int(p["nbytes"], "nbytes"))
+
+
+def _of(kind: type | tuple[type, ...], value: Any, what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"`{what}` is {value!r}, of the wrong type")
+    return value
+
+
+def _fields(value: Any, cls: type, what: str) -> dict[str, Any]:
+    """`value` as a dict with exactly the fields of dataclass `cls`: an unknown key is refused, not ignored."""
+    value = _of(dict, value, what)
+    expected = {f.name for f in fields(cls)}
+    if set(value) != expected:
+        raise TypeError(f"`{what}` has keys {sorted(value)}, expected {sorted(expected)}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    return _of(int, value, what)
 
 
 def _bounded(d: Any, limit: int, what: str) -> dict:
@@ -136,7 +167,7 @@ def check(m: Manifest, where: str) -> None:
     _expect(1 <= m.world_size <= _MAX_WORLD, where, f"world_size {m.world_size} is out of range")
     _expect(len(m.per_rank) == m.world_size, where, f"{len(m.per_rank)} per-rank entries for world size {m.world_size}")
     for name, f in m.files.items():
-        _expect(bool(_SAFE_NAME.match(name)) and ".." not in name, where,
+        _expect(bool(_SAFE_NAME.fullmatch(name)) and ".." not in name, where,
                 f"file name {name!r} is not a plain file name inside the snapshot")
         _expect(0 <= f.bytes <= _MAX_BYTES, where, f"file {name} claims {f.bytes} bytes")
         _expect(0 <= f.writer < m.world_size, where, f"file {name} has writer {f.writer}")

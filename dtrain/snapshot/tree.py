@@ -28,12 +28,15 @@ def flatten(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
-            key = path if path not in tensors else f"{path}#{len(tensors)}"
+            key, n = path, 0
+            while key in tensors:  # two paths can spell the same key ("a/b" and {"a": {"b"}})
+                n += 1
+                key = f"{path}#{n}"
             tensors[key] = x.detach()
             return {TENSOR: key}
         if isinstance(x, _SCALARS):
             return x
-        if isinstance(x, np.generic):
+        if isinstance(x, (np.integer, np.floating, np.bool_)):
             return x.item()
         if isinstance(x, tuple):
             return {TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(x)]}
@@ -69,10 +72,20 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
             raise UnsafeSnapshotError(f"the manifest refers to tensor {key!r}, which it does not describe")
         return tensors[key]
     if TUPLE in skeleton:
-        return tuple(unflatten(v, tensors) for v in skeleton[TUPLE])
+        return tuple(unflatten(v, tensors) for v in _tagged_list(skeleton, TUPLE))
     if DICT in skeleton:
-        return {k: unflatten(v, tensors) for k, v in skeleton[DICT]}
+        pairs = _tagged_list(skeleton, DICT)
+        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], _SCALARS) for p in pairs):
+            raise UnsafeSnapshotError(f"a {DICT} entry of the manifest is not a list of [key, value] pairs")
+        return {k: unflatten(v, tensors) for k, v in pairs}
     return {k: unflatten(v, tensors) for k, v in skeleton.items()}
+
+
+def _tagged_list(skeleton: dict, tag: str) -> list:
+    value = skeleton[tag]
+    if len(skeleton) != 1 or not isinstance(value, list):
+        raise UnsafeSnapshotError(f"a {tag} entry of the manifest is malformed: {str(skeleton)[:80]}")
+    return value
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
