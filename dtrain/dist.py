@@ -168,15 +168,20 @@ _ANNOUNCE_KEY = "dtrain/group_store"
 
 def _join_announced(job_store: dist.Store, host: str, timeout: timedelta) -> dist.Store:
     deadline = time.monotonic() + timeout.total_seconds()
+    refused = None
     while True:
         job_store.wait([_ANNOUNCE_KEY], timeout)
-        port, nonce = job_store.get(_ANNOUNCE_KEY).decode().split(":")
-        try:
-            client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
-            if client.get("nonce").decode() == nonce:
-                return client
-        except (RuntimeError, dist.DistStoreError):
-            pass  # a previous group's announcement: its store is gone, or the port now serves another
+        announced = job_store.get(_ANNOUNCE_KEY).decode()
+        if announced != refused:
+            port, nonce = announced.split(":")
+            try:
+                client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=3))
+                if client.get("nonce").decode() == nonce:
+                    client.set_timeout(timeout)
+                    return client
+            except (RuntimeError, dist.DistStoreError):
+                pass
+            refused = announced  # a previous group's: wait for rank 0 to replace it, do not retry it
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank 0 announced no reachable group store within {timeout}; is rank 0 alive?")
-        time.sleep(0.2)
+        time.sleep(0.1)

@@ -61,3 +61,35 @@ def train_with_failing_rank(run_dir: str, overrides: list[str], fail_rank: int, 
 
     storage = FailingStorage(run_dir, int(os.environ["RANK"]), fail_rank, fail_step)
     return train(run_dir, overrides, storage)
+
+
+class SlowStorage(LocalStorage):
+    """A disk that takes `delay` seconds per file written, and records when each save wrote."""
+
+    def __init__(self, root: str, delay: float) -> None:
+        super().__init__(root)
+        self.delay = delay
+        self.writes: list[tuple[float, float]] = []
+
+    def open_write(self, path: str):
+        import time
+
+        start = time.monotonic()
+        time.sleep(self.delay)
+        handle = super().open_write(path)
+        self.writes.append((start, time.monotonic()))
+        return handle
+
+
+def train_on_slow_disk(run_dir: str, overrides: list[str], delay: float) -> dict[str, Any]:
+    """Train with a slow disk; report how many steps ran while a shard file was being written."""
+    import time
+
+    storage = SlowStorage(run_dir, delay)
+    step_times: list[float] = []
+    cfg = load_config(None, SMALL + overrides)
+    ctx = init_distributed(cfg)
+    trainer = Trainer(cfg, load_task(cfg.task), storage, ctx, on_batch=lambda s, ids: step_times.append(time.monotonic()))
+    trainer.fit()
+    overlapped = sum(any(a <= t <= b for a, b in storage.writes) for t in step_times)
+    return {"steps": len(step_times), "overlapped": overlapped, "writes": len(storage.writes)}
