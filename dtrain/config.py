@@ -67,6 +67,8 @@ class SnapshotConfig:
     """Target size of one shard file; large tensors are split across files of this size."""
     staging: str = AUTO
     """How a save is staged: `copy` (host copy, then background write), `fork` (copy-on-write child), `auto`."""
+    memory_budget_mb: int = 0
+    """Fork staging: bound on the host memory a save may hold once training goes on (0: this rank's share); a lower bound lengthens the stall."""
     mtbf_seconds: float = 3600.0
     """Assumed mean time between failures, used only when `every_steps = "auto"`."""
 

@@ -77,6 +77,30 @@ def solo_context() -> DistContext:
                        nonce=secrets.token_hex(8))
 
 
+def attach(timeout: timedelta = timedelta(minutes=10)) -> DistContext:
+    """A context for a process group the caller already initialized (env:// with MASTER_ADDR/PORT).
+
+    Example::
+
+        dist.init_process_group("gloo")
+        writer = SnapshotWriter(LocalStorage(run_dir), attach())
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    backend = dist.get_backend()
+    cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    nonce = _agree_nonce(cpu_group)
+    if world_size == 1 or "MASTER_ADDR" not in os.environ:
+        store: dist.Store = dist.HashStore()
+    else:
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=timeout)
+        store = dist.PrefixStore(f"dtrain/{nonce}", client)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
+                       cpu_group=cpu_group, store=store, restart_count=0, timeout=timeout, nonce=nonce)
+
+
 def env_world_size() -> int:
     """The world size torchrun announced, known before the group exists (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

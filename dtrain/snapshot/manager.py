@@ -33,7 +33,8 @@ class SnapshotManager:
         self.cfg = cfg
         self.ctx = ctx
         self.writer = SnapshotWriter(storage, ctx, file_bytes=cfg.file_mb << 20,
-                                     timeout_seconds=cfg.timeout_seconds, after_commit=self._after_commit)
+                                     timeout_seconds=cfg.timeout_seconds, after_commit=self._after_commit,
+                                     staging=cfg.staging, budget_bytes=cfg.memory_budget_mb << 20)
         self.consecutive_failures = 0
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()

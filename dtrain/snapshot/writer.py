@@ -39,11 +39,13 @@ from typing import Any
 
 import torch
 
+from dtrain.config import AUTO
 from dtrain.dist import DistContext
 from dtrain.errors import SnapshotError
 from dtrain.snapshot import layout
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, dtype_name
 from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
+from dtrain.snapshot.staging import ForkedWriter, byte_view, can_fork, release
 from dtrain.snapshot.tree import as_bytes, flatten
 from dtrain.storage import Storage
 
@@ -67,9 +69,12 @@ class StagedSnapshot:
 
     step: int
     pending: str
-    files: list[tuple[PlannedFile, torch.Tensor]]
+    files: list[tuple[PlannedFile, list[memoryview]]]
     private: dict[str, Any]
     private_tensors: dict[str, TensorEntry]
+    nbytes: int = 0
+    unowned: list[memoryview] | None = None
+    """Fork staging: views of the pieces other ranks write, which the child gives up at once."""
     meta: dict[str, Any] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
     replicated_tensors: dict[str, TensorEntry] = field(default_factory=dict)
@@ -116,8 +121,11 @@ class SnapshotWriter:
 
     def __init__(self, storage: Storage, ctx: DistContext, file_bytes: int = 64 << 20,
                  timeout_seconds: float = 600.0,
-                 after_commit: Callable[[SaveResult], None] | None = None) -> None:
+                 after_commit: Callable[[SaveResult], None] | None = None,
+                 staging: str = AUTO, budget_bytes: int = 0) -> None:
         self.storage = storage
+        self.staging = staging
+        self.budget_bytes = budget_bytes
         self.ctx = ctx
         self.file_bytes = file_bytes
         self.timeout = timeout_seconds
@@ -131,38 +139,67 @@ class SnapshotWriter:
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
             previous.wait()
+        start = time.perf_counter()
         staged = self.stage(step, replicated, private, meta)
-        self._in_flight = PendingSnapshot(step, lambda: self._write_and_commit(staged))
+        if staged.unowned is not None:  # fork staging: a child process writes the shared image
+            child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes, self.budget_bytes)
+            staged.files, staged.unowned = [], None
+            write = child.report
+        else:
+            write = lambda: self._write_files(staged)  # noqa: E731
+        staged.stall_seconds = time.perf_counter() - start
+        self._in_flight = PendingSnapshot(step, lambda: self._finish(staged, write))
         return self._in_flight
 
     def stage(self, step: int, replicated: dict[str, Any], private: dict[str, Any],
               meta: dict[str, Any]) -> StagedSnapshot:
-        start = time.perf_counter()
+        """Plan the files and hold this rank's bytes: copied, or (fork staging) as views of the live tensors."""
         rank, world = self.ctx.rank, self.ctx.world_size
         objects, tensors = {}, {}
         for name, state in replicated.items():
             objects[name], found = flatten(state, name)
             tensors.update(found)
         plan = plan_replicated({k: _nbytes(t) for k, t in tensors.items()}, world, self.file_bytes)
-        files = [(f, _copy_file(f, tensors)) for f in plan if f.writer == rank]
+        by_reference = self.staging == "fork" or (self.staging == AUTO and can_fork(tensors))
+        if by_reference:
+            tensors = {k: t.contiguous() for k, t in tensors.items()}
+        hold = _piece_views if by_reference else _copy_file
+        files = [(f, hold(f, tensors)) for f in plan if f.writer == rank]
         private_skeletons, private_found = flatten(private, f"rank{rank:05d}")
         private_file = plan_single_file(layout.rank_file(rank), {k: _nbytes(t) for k, t in private_found.items()}, rank)
         files.append((private_file, _copy_file(private_file, private_found)))
         staged = StagedSnapshot(
             step=step, pending=layout.pending_path(step, self.ctx.nonce), files=files,
             private=private_skeletons, private_tensors=_entries([private_file], private_found),
+            nbytes=sum(p.nbytes for f, _ in files for p in f.pieces),
+            unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
         )
         if rank == 0:
             staged.meta = json.loads(json.dumps(meta))  # frozen now: later changes must not leak in
             staged.objects = json.loads(json.dumps(objects))
             staged.replicated_tensors = _entries(plan, tensors)
-        staged.stall_seconds = time.perf_counter() - start
         return staged
 
-    def _write_and_commit(self, staged: StagedSnapshot) -> SaveResult:
+    def _write_in_child(self, staged: StagedSnapshot, wrote: Callable[[int], None]) -> dict[str, Any]:
+        for view in staged.unowned:
+            release(view)
+
+        def done(view: memoryview) -> None:
+            release(view)
+            wrote(len(view))
+
+        return self._write_files(staged, done)
+
+    def _finish(self, staged: StagedSnapshot, write: Callable[[], dict[str, Any]]) -> SaveResult:
+        """Background thread: write (or wait for the child that writes), report, commit or learn the outcome."""
         started = time.perf_counter()
-        report = self._write_files(staged)
+        try:
+            report = write()
+        except SnapshotError as e:
+            report = {"files": {}, "error": f"rank {self.ctx.rank}: {e}", "private": {}, "private_tensors": {}}
         staged.files = []  # release the staging buffers before waiting on other ranks
+        if report["error"]:
+            logger.warning("could not write the shard of step %d: %s", staged.step, report["error"])
         outcome_key = f"save/{staged.step}/outcome"
         self.ctx.store.set(f"save/{staged.step}/report/{self.ctx.rank}", json.dumps(report))
         if self.ctx.rank == 0:
@@ -175,35 +212,38 @@ class SnapshotWriter:
         result = SaveResult(staged.step, outcome["path"], outcome["bytes"], staged.stall_seconds,
                             time.perf_counter() - started)
         if self.ctx.rank == 0:
-            self._finish(result, outcome_key)
+            self._committed(result, outcome_key)
         return result
 
-    def _write_files(self, staged: StagedSnapshot) -> dict[str, Any]:
+    def _write_files(self, staged: StagedSnapshot, done: Callable[[memoryview], None] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {"files": {}, "error": None, "private": staged.private,
                                   "private_tensors": {k: asdict(e) for k, e in staged.private_tensors.items()}}
         try:
             self.storage.makedirs(staged.pending)
-            for planned, buf in staged.files:
-                report["files"][planned.name] = self._write_file(f"{staged.pending}/{planned.name}", buf)
-        except Exception as e:
-            logger.warning("rank %d could not write its shard of step %d: %s", self.ctx.rank, staged.step, e)
+            for planned, chunks in staged.files:
+                report["files"][planned.name] = self._write_file(f"{staged.pending}/{planned.name}", chunks, done)
+        except Exception as e:  # no logging here: this may run in a forked child
             report["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
         return report
 
-    def _write_file(self, path: str, buf: torch.Tensor) -> dict[str, int]:
-        view = memoryview(buf.numpy())
-        crc = 0
+    def _write_file(self, path: str, chunks: list[memoryview],
+                    done: Callable[[memoryview], None] | None) -> dict[str, int]:
+        crc, size = 0, 0
         handle = self.storage.open_write(path)
         try:
-            for start in range(0, len(view), _CRC_BLOCK):
-                block = view[start:start + _CRC_BLOCK]
-                crc = zlib.crc32(block, crc)
-                handle.write(block)
+            for chunk in chunks:
+                for start in range(0, len(chunk), _CRC_BLOCK):
+                    block = chunk[start:start + _CRC_BLOCK]
+                    crc = zlib.crc32(block, crc)
+                    handle.write(block)
+                size += len(chunk)
+                if done is not None:
+                    done(chunk)
             handle.close()
         except BaseException:
             handle.abort()
             raise
-        return {"bytes": len(view), "crc32": crc, "writer": self.ctx.rank}
+        return {"bytes": size, "crc32": crc, "writer": self.ctx.rank}
 
     def _commit(self, staged: StagedSnapshot) -> dict[str, Any]:
         try:
@@ -257,7 +297,7 @@ class SnapshotWriter:
             return {"error": f"rank 0 did not publish the outcome of this save within {self.timeout + 60:g}s"}
         return json.loads(self.ctx.store.get(key))
 
-    def _finish(self, result: SaveResult, outcome_key: str) -> None:
+    def _committed(self, result: SaveResult, outcome_key: str) -> None:
         if self._old_outcome_key is not None:  # every rank has read it: each waited for it before this save
             self.ctx.store.delete_key(self._old_outcome_key)
         self._old_outcome_key = outcome_key
@@ -274,14 +314,21 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _copy_file(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The bytes of one planned file, copied off the live tensors into one host buffer."""
+def _copy_file(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+    """The bytes of one planned file, copied off the live tensors (or the device) into one host buffer."""
     buf = torch.empty(planned.nbytes, dtype=torch.uint8)
     views: dict[str, torch.Tensor] = {}
     for p in planned.pieces:
         src = views.setdefault(p.key, as_bytes(tensors[p.key]))
         buf[p.file_offset:p.file_offset + p.nbytes].copy_(src[p.tensor_offset:p.tensor_offset + p.nbytes])
-    return buf
+    return [memoryview(buf.numpy())]
+
+
+def _piece_views(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+    """The bytes of one planned file as views of the live (contiguous, host) tensors: no copy."""
+    views: dict[str, memoryview] = {}
+    return [views.setdefault(p.key, byte_view(tensors[p.key]))[p.tensor_offset:p.tensor_offset + p.nbytes]
+            for p in planned.pieces]
 
 
 def _entries(plan: list[PlannedFile], tensors: dict[str, torch.Tensor]) -> dict[str, TensorEntry]:
