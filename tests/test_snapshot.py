@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from dtrain.dist import solo_context
-from dtrain.errors import CorruptSnapshotError
+from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import layout, reader
+from dtrain.snapshot.staging import ForkedWriter
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
@@ -28,16 +32,19 @@ def _state(seed: int) -> dict:
     return {"model": model, "optimizer": opt}
 
 
-def test_snapshot_holds_its_step_although_training_changes_the_state_right_after(tmp_path: Path) -> None:
+@pytest.mark.parametrize("staging", ["copy", "fork"])
+def test_snapshot_holds_its_step_although_training_changes_the_state_right_after(tmp_path: Path, staging: str) -> None:
     live = _state(0)
     expected = {k: v.clone() for k, v in live["model"].state_dict().items()}
-    writer = SnapshotWriter(LocalStorage(tmp_path), solo_context(), file_bytes=16 << 10)
+    writer = SnapshotWriter(LocalStorage(tmp_path), solo_context(), file_bytes=16 << 10, staging=staging)
     pending = writer.save(7, {"model": live["model"].state_dict(), "optimizer": live["optimizer"].state_dict()},
                           {"rng": {"torch": torch.get_rng_state()}}, {"progress": {"step": 7}})
     with torch.no_grad():  # training goes on the moment the stall ends
         for p in live["model"].parameters():
             p.mul_(-3.0).add_(1.0)
     pending.wait()
+    for k, p in live["model"].state_dict().items():  # the writer gave up pages, the trainer lost none
+        assert torch.equal(p, expected[k] * -3.0 + 1.0), k
     restored = reader.restore(LocalStorage(tmp_path), 7)
     assert restored.objects["model"].keys() == expected.keys()
     for k, v in expected.items():
@@ -138,3 +145,31 @@ def test_each_corruption_is_detected_by_name(tmp_path: Path, how: str) -> None:
     assert len(problems) == 1 and "replicated-00000.bin" in problems[0]
     with pytest.raises(CorruptSnapshotError, match="replicated-00000.bin"):
         reader.restore(storage, 5)
+
+
+def test_fork_staging_returns_once_the_held_bytes_fit_the_budget() -> None:
+    chunks, budget = 20, 5
+
+    def work(wrote):
+        for _ in range(chunks):
+            time.sleep(0.02)
+            wrote(1)
+        return {"error": None}
+
+    child = ForkedWriter(work, held_bytes=chunks, budget_bytes=budget)
+    assert child.held_bytes() <= budget
+    assert child.report() == {"error": None}
+
+
+def test_a_writer_process_that_dies_is_reported_not_waited_for() -> None:
+    child = ForkedWriter(lambda wrote: os.kill(os.getpid(), signal.SIGKILL), held_bytes=1)
+    with pytest.raises(SnapshotError, match="killed by SIGKILL"):
+        child.report()
+
+
+def test_an_error_in_the_writer_process_comes_back_as_its_report() -> None:
+    def work(wrote):
+        raise OSError(28, "No space left on device")
+
+    report = ForkedWriter(work, held_bytes=1).report()
+    assert "No space left on device" in report["error"]

@@ -11,8 +11,8 @@ for gigabytes (page tables, not pages). To bound the memory this costs, the chil
 `madvise(MADV_DONTNEED)`) every tensor page it will not write, and each piece as soon as it is
 written, so modified pages are copied only for the share still to be written; with a memory
 budget the parent waits, before training on, until that share is under the budget. The child
-never logs, never touches the process group or CUDA, resets the preemption handlers, dies with
-its parent (`PR_SET_PDEATHSIG`), reports through a pipe and leaves with `os._exit`.
+never logs, never touches the process group or CUDA, ignores preemption signals, dies with
+its parent (`PR_SET_PDEATHSIG`) and only with it, reports through a pipe and leaves with `os._exit`.
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ class ForkedWriter:
         self._held = mmap.mmap(-1, 8)  # shared with the child: bytes it still holds
         self._held[:] = struct.pack("q", held_bytes)
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns
             os.close(read_end)
-            self._run_child(work, write_end)
+            self._run_child(work, write_end, parent)
         os.close(write_end)
         self._pipe = read_end
         if budget_bytes > 0:
@@ -84,12 +85,16 @@ class ForkedWriter:
         while self.held_bytes() > budget and not _exited(self.pid):
             time.sleep(0.001)
 
-    def _run_child(self, work: Callable[[Callable[[int], None]], dict[str, Any]], pipe: int) -> None:
+    def _run_child(self, work: Callable[[Callable[[int], None]], dict[str, Any]], pipe: int, parent: int) -> None:
         code = 0
         try:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            # A scheduler may signal every process of the job (SLURM does): the child finishes the
+            # write the parent's emergency snapshot waits for; it dies with the parent, not before.
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
+                signal.signal(sig, signal.SIG_IGN)
             report = work(self._wrote)
         except BaseException as e:  # reported, never raised: the child must not unwind into training code
             report, code = {"error": f"snapshot writer process: {type(e).__name__}: {e}"}, 1
