@@ -28,8 +28,10 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/run.py
 
+CHAOS_ARGS ?=
+
 chaos: install
-	$(BIN)/python -m pytest -q tests/chaos --chaos-trials 200 -p no:xdist
+	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

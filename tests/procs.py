@@ -73,3 +73,35 @@ def kill(pid: int, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def worker_ranks(agent_pid: int, world_size: int, timeout: float = 120.0) -> dict[int, int]:
+    """{rank: pid} of a torchrun agent's dtrain workers, from each one's RANK (waits for all of them)."""
+    def found() -> dict[int, int]:
+        ranks = ranks_now(agent_pid)
+        return ranks if len(ranks) == world_size else {}
+    return wait_for(found, timeout, f"{world_size} dtrain workers of torchrun agent {agent_pid}", interval=0.02)
+
+
+def ranks_now(agent_pid: int) -> dict[int, int]:
+    """{rank: pid} of the dtrain workers a torchrun agent has right now (none while it restarts them)."""
+    return {r: p for p in children(agent_pid) if b"dtrain" in _cmdline(p) and (r := _rank(p)) is not None}
+
+
+def _rank(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+def freeze(pids: list[int]) -> None:
+    """SIGSTOP each process: its state (and what it left on disk) holds still until `thaw` or SIGKILL."""
+    for p in pids:
+        kill(p, signal.SIGSTOP)
+
+
+def thaw(pids: list[int]) -> None:
+    for p in pids:
+        kill(p, signal.SIGCONT)

