@@ -41,3 +41,11 @@ def run(cmd: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProce
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def export_weights(run_dir: Path) -> bytes:
+    """The bytes of `dtrain ckpt export` of a run dir's newest snapshot."""
+    out = run_dir.parent / f"{run_dir.name}.safetensors"
+    done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
+    assert done.returncode == 0, done.stdout
+    return out.read_bytes()

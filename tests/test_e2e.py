@@ -14,6 +14,7 @@ import pytest
 
 from dtrain.snapshot import layout
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import export_weights as _export
 from tests.procs import kill, kill_tree, wait_for, workers
 
 SETTINGS = ["--set", "train.steps=60", "--set", "snapshot.every_steps=10", "--set", "task.options.hidden=768",
@@ -22,13 +23,6 @@ SETTINGS = ["--set", "train.steps=60", "--set", "snapshot.every_steps=10", "--se
 
 def _train_args(run_dir: Path) -> list[str]:
     return ["train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *SETTINGS]
-
-
-def _export(run_dir: Path) -> bytes:
-    out = run_dir.parent / f"{run_dir.name}.safetensors"
-    done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
-    assert done.returncode == 0, done.stdout
-    return out.read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import export_weights as _export
 from tests.procs import wait_for
 
 pytestmark = pytest.mark.slow
@@ -180,13 +181,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *SETTINGS))
     assert done.returncode == 0, done.stdout[-3000:]
     return _export(run_dir)
-
-
-def _export(run_dir: Path) -> bytes:
-    out = run_dir.parent / f"{run_dir.name}.safetensors"
-    done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
-    assert done.returncode == 0, done.stdout
-    return out.read_bytes()
 
 
 def _listed(run_dir: Path) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import export_weights as _export
 from tests.procs import kill_tree, wait_for
 
 LAUNCHER = REPO / "launch" / "torchrun.sh"
@@ -69,13 +70,6 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
 def _steps(run_dir: Path) -> list[int]:
     snaps = run_dir / "snapshots"
     return sorted(int(p.name[5:]) for p in snaps.glob("step_*")) if snaps.is_dir() else []
-
-
-def _export(run_dir: Path) -> bytes:
-    out = run_dir.parent / f"{run_dir.name}.safetensors"
-    done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
-    assert done.returncode == 0, done.stdout
-    return out.read_bytes()
 
 
 def _free_port() -> int:
