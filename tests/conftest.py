@@ -49,3 +49,10 @@ def export_weights(run_dir: Path) -> bytes:
     done = run(dtrain_cmd("ckpt", "export", str(run_dir), "--out", str(out)))
     assert done.returncode == 0, done.stdout
     return out.read_bytes()
+
+
+def uninterrupted_weights(run_dir: Path, *settings: str) -> bytes:
+    """Exported weights of a fault-free 2-process torchrun of the demo config with `settings`."""
+    done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *settings))
+    assert done.returncode == 0, done.stdout[-3000:]
+    return export_weights(run_dir)

@@ -15,6 +15,7 @@ import pytest
 from dtrain.snapshot import layout
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
 from tests.conftest import export_weights as _export
+from tests.conftest import uninterrupted_weights
 from tests.procs import kill, kill_tree, wait_for, workers
 
 SETTINGS = ["--set", "train.steps=60", "--set", "snapshot.every_steps=10", "--set", "task.options.hidden=768",
@@ -27,10 +28,7 @@ def _train_args(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = run(torchrun_cmd(2, *_train_args(run_dir)))
-    assert done.returncode == 0, done.stdout[-3000:]
-    return _export(run_dir)
+    return uninterrupted_weights(tmp_path_factory.mktemp("reference") / "run", *SETTINGS)
 
 
 def _start(run_dir: Path) -> subprocess.Popen:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
 from tests.conftest import export_weights as _export
+from tests.conftest import uninterrupted_weights
 from tests.procs import wait_for
 
 pytestmark = pytest.mark.slow
@@ -177,10 +178,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *SETTINGS))
-    assert done.returncode == 0, done.stdout[-3000:]
-    return _export(run_dir)
+    return uninterrupted_weights(tmp_path_factory.mktemp("reference") / "run", *SETTINGS)
 
 
 def _listed(run_dir: Path) -> list[dict]:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
 from tests.conftest import export_weights as _export
+from tests.conftest import uninterrupted_weights
 from tests.procs import kill_tree, wait_for
 
 LAUNCHER = REPO / "launch" / "torchrun.sh"
@@ -147,10 +148,7 @@ def test_torchrun_arguments(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """Exported weights of an uninterrupted run with the same settings."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *SETTINGS))
-    assert done.returncode == 0, done.stdout[-3000:]
-    return _export(run_dir)
+    return uninterrupted_weights(tmp_path_factory.mktemp("reference") / "run", *SETTINGS)
 
 
 @pytest.mark.slow
