@@ -59,7 +59,9 @@ def test_optimizer_state_round_trips_exactly(tmp_path: Path) -> None:
     got = reader.restore(LocalStorage(tmp_path), 3).objects["optimizer"]
     want = live["optimizer"].state_dict()
     assert got["param_groups"] == want["param_groups"]
+    assert list(got["state"]) == list(want["state"])  # key order too: callers walk these dicts in order
     for i, s in want["state"].items():
+        assert list(got["state"][i]) == list(s)
         for k, v in s.items():
             assert torch.equal(got["state"][i][k], v)
     fresh = _state(2)["optimizer"]

@@ -92,7 +92,7 @@ class Manifest:
         return sum(f.bytes for f in self.files.values())
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> Manifest:
