@@ -1,6 +1,7 @@
 """The `dtrain` command line.
 
     torchrun --nproc_per_node 2 -m dtrain train --config examples/demo.toml --run-dir runs/demo
+    dtrain train --check --config examples/demo.toml --run-dir runs/demo   # preflight: starts nothing
     dtrain ckpt list runs/demo [--json]
     dtrain ckpt show runs/demo/snapshots/step_000000200 [--json]
     dtrain ckpt verify runs/demo
@@ -8,7 +9,7 @@
     dtrain ckpt prune runs/demo
 
 Exit codes: 0 done, 1 failed, 2 bad config or usage, 75 preempted (emergency snapshot
-committed; run the same command again to resume).
+committed; run the same command again to resume). With `--check`: 0 ready, 2 bad config or run dir.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtrain import signals
 from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, PreemptedError
+
+if TYPE_CHECKING:
+    from dtrain.config import Config
+    from dtrain.task import Task
 
 logger = logging.getLogger("dtrain")
 
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", required=True, help="directory this run owns: snapshots, metrics")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value; repeatable")
+    train.add_argument("--check", action="store_true",
+                       help="only check the config, the task's entry points and the run dir (for the world size "
+                            "in $WORLD_SIZE, else 1); start and write nothing; exit 0 if ready, else 2")
     train.set_defaults(func=cmd_train)
 
     ckpt = commands.add_parser("ckpt", help="inspect and manage snapshots").add_subparsers(dest="ckpt", required=True)
@@ -85,17 +93,16 @@ def setup_logging(rank: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dtrain.config import load_config, validate_for_world
-    from dtrain.dist import env_world_size, init_distributed, shutdown
+    from dtrain.dist import init_distributed, shutdown
     from dtrain.report import Reporter
     from dtrain.snapshot.layout import METRICS
     from dtrain.storage import LocalStorage
-    from dtrain.task import load_task
     from dtrain.trainer import Trainer
 
-    cfg = load_config(args.config, args.set)  # every check before the run dir is touched
-    validate_for_world(cfg, env_world_size())
-    task = load_task(cfg.task)
+    cfg, task = preflight(args)  # every check before the run dir is touched
+    if args.check:
+        print(f"dtrain: ready: config, task and run dir {args.run_dir} check out; nothing was started")
+        return signals.EXIT_OK
     preemption = signals.PreemptionFlag()
     ctx = init_distributed(cfg)
     try:
@@ -107,6 +114,52 @@ def cmd_train(args: argparse.Namespace) -> int:
         return signals.EXIT_OK
     finally:
         shutdown()
+
+
+def preflight(args: argparse.Namespace) -> tuple[Config, Task]:
+    """(config, task) once everything that needs no process group checks out; raises ConfigError.
+
+    Launchers run it alone (`dtrain train --check`) before torchrun: a bad config then exits 2
+    once, instead of in every worker of every restart.
+    """
+    from dtrain.config import load_config, validate_for_world
+    from dtrain.dist import env_world_size
+    from dtrain.task import load_task
+
+    cfg = load_config(args.config, args.set)
+    validate_for_world(cfg, env_world_size())
+    task = load_task(cfg.task)
+    check_run_dir(Path(args.run_dir))
+    return cfg, task
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run dir this process could not create or write; writes nothing.
+
+    An existing run dir must be a writable directory, and so must what dtrain writes in it; a new
+    one needs its nearest existing parent to be a writable directory.
+    """
+    from dtrain.snapshot.layout import METRICS, PENDING, SNAPSHOTS
+
+    fix = "pass a --run-dir this user can write (on storage every node sees), or fix its owner or permissions"
+    try:
+        existing = run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        for path, is_dir in [(existing, True), (run_dir / SNAPSHOTS, True), (run_dir / PENDING, True),
+                             (run_dir / METRICS, False)]:
+            if path == existing or path.exists():
+                _require_writable(run_dir, path, is_dir, fix)
+    except OSError as e:  # an ancestor that cannot be searched
+        raise ConfigError(f"--run-dir {run_dir}: {e.filename} cannot be reached ({e.strerror}); {fix}") from None
+
+
+def _require_writable(run_dir: Path, path: Path, is_dir: bool, fix: str) -> None:
+    if is_dir and not path.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: {path} is not a directory; {fix}")
+    if not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
+        raise ConfigError(f"--run-dir {run_dir}: {path} is not writable by uid {os.getuid()} "
+                          f"(or is on a read-only file system); {fix}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -150,7 +203,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"versions     {json.dumps(m.versions)}")
     print(f"files        {len(m.files)} ({m.total_bytes / 1e6:.2f} MB)")
     for name, f in sorted(m.files.items()):
-        print(f"  {name:<24} {f.bytes:>12} bytes  crc32 {f.crc32:08x}  written by rank {f.writer}")
+        print(f"  {name:<24} {f.bytes:>12} bytes  crc32c {f.crc32c:08x}  written by rank {f.writer}")
     print(f"tensors      {len(m.tensors)}")
     return 0
 

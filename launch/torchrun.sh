@@ -27,14 +27,21 @@
 #   LOCAL_ADDR        this node's address for the workers' store   [127.0.0.1 on one node; looked up otherwise]
 #   LOG_DIR           per-rank stdout/stderr files                 [RUN_DIR/logs/HOSTNAME]
 #   TORCHRUN          the torchrun command                         [torchrun]
+#   PYTHON            the Python that has dtrain, for the preflight [python3]
+#   PREFLIGHT         1: `dtrain train --check` before torchrun; 0: skip it  [1]
 #   PASS_SIGNALS      1: pass signals on to torchrun; 0: the sender signals torchrun itself
 #                     [0 inside a SLURM job step, which signals every process of the step; else 1]
+#
+# Preflight: before torchrun starts, `dtrain train --check` checks the config, the task's entry
+# points (for the largest world size NNODES x NPROC_PER_NODE allows) and the run dir. A bad one
+# exits 2 here at once: in the workers it would exit 2 in each, torchrun would restart them
+# MAX_RESTARTS times and then exit 1, which a scheduler cannot tell from a crash.
 #
 # Signals: SIGTERM, SIGINT, SIGHUP and SIGUSR1 go to torchrun, which passes them to the workers;
 # they agree on a step, commit an emergency snapshot and exit. torchrun then exits 1 whatever
 # the workers did, so this script decides the exit code itself (docs/launchers.md):
 #   0 done, 75 preempted (a snapshot was committed after the signal: requeue to resume),
-#   2 usage error in this script, anything else: torchrun's failure code.
+#   2 bad config, run dir or launcher settings (nothing started), anything else: torchrun's code.
 set -uo pipefail
 
 readonly EXIT_USAGE=2 EXIT_PREEMPTED=75
@@ -52,6 +59,8 @@ LAST_CALL_TIMEOUT=${LAST_CALL_TIMEOUT:-30}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
 LOG_DIR=${LOG_DIR:-$RUN_DIR/logs/$HOSTNAME}
 TORCHRUN=${TORCHRUN:-torchrun}
+PYTHON=${PYTHON:-python3}
+PREFLIGHT=${PREFLIGHT:-1}
 if [[ -n ${SLURM_STEP_ID:-} ]]; then PASS_SIGNALS=${PASS_SIGNALS:-0}; else PASS_SIGNALS=${PASS_SIGNALS:-1}; fi
 
 log() { echo "torchrun.sh [$HOSTNAME] $(date +%T): $*" >&2; }
@@ -73,8 +82,6 @@ elif [[ -z $RDZV_ENDPOINT ]]; then
 else
   RDZV_ID=${RDZV_ID:-dtrain}
 fi
-
-mkdir -p "$LOG_DIR" || exit "$EXIT_USAGE"
 
 agent="" caught="" snapshot_at_signal=""
 # shellcheck disable=SC2317,SC2329  # only called from the traps below
@@ -101,6 +108,29 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 trap 'forward HUP' HUP
 trap 'forward USR1' USR1
+
+# The largest world size the job can reach: global_batch_size must cover it (1 when unknown).
+world_size() {
+  local nodes=${NNODES#*:}
+  if [[ $nodes =~ ^[0-9]+$ && $NPROC_PER_NODE =~ ^[0-9]+$ ]]; then
+    echo $((nodes * NPROC_PER_NODE))
+  else
+    echo 1
+  fi
+}
+
+if [[ $PREFLIGHT == 1 ]]; then
+  WORLD_SIZE=$(world_size) $PYTHON -m dtrain train --check --config "$CONFIG" --run-dir "$RUN_DIR" "$@"
+  rc=$?
+  if (( rc == EXIT_USAGE )); then
+    log "the preflight refused the config or the run dir (above): torchrun not started; fix it and retry"
+    exit "$EXIT_USAGE"
+  elif (( rc != 0 )); then
+    log "the preflight ($PYTHON -m dtrain train --check) exited $rc; set PYTHON to the Python that has dtrain"
+    exit "$rc"
+  fi
+fi
+mkdir -p "$LOG_DIR" || exit "$EXIT_USAGE"
 
 log "run dir $RUN_DIR, nodes $NNODES x $NPROC_PER_NODE, rendezvous $RDZV_ENDPOINT id $RDZV_ID," \
     "newest snapshot: $(newest_snapshot || echo none)"

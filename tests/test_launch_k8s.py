@@ -215,9 +215,15 @@ def test_job_rendezvous_reaches_pod_zero() -> None:
 def test_job_failure_policy_follows_the_exit_codes() -> None:
     spec = _kind("job.yaml", "Job")["spec"]
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    (container,) = spec["template"]["spec"]["containers"]
     actions = {}
-    for rule in spec["podFailurePolicy"]["rules"]:
-        for code in rule.get("onExitCodes", {}).get("values", []):
+    for rule in spec["podFailurePolicy"]["rules"]:  # the first rule that matches wins
+        on_codes = rule.get("onExitCodes")
+        if on_codes is None:
+            continue
+        # A rule naming another container never matches: the exit code would silently count.
+        assert on_codes["containerName"] == container["name"] and on_codes["operator"] == "In", rule
+        for code in on_codes["values"]:
             actions.setdefault(code, rule["action"])
     assert actions[EXIT_PREEMPTED] == "Ignore"  # a new pod resumes, the backoff limit is untouched
     assert actions[EXIT_CONFIG] == "FailJob"

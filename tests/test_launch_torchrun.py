@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,8 @@ def test_exit_code(tmp_path: Path, mode: str, sig: signal.Signals | None, expect
     fake.chmod(0o755)
     run_dir = tmp_path / "run"
     (run_dir / "snapshots" / "step_000000050").mkdir(parents=True)
-    env = _env(TORCHRUN=str(fake), FAKE_DIR=str(tmp_path), FAKE_MODE=mode, RUN_DIR=str(run_dir))
+    # PREFLIGHT=0: these cases are about the signals and torchrun's code, the preflight has its own.
+    env = _env(TORCHRUN=str(fake), FAKE_DIR=str(tmp_path), FAKE_MODE=mode, RUN_DIR=str(run_dir), PREFLIGHT="0")
     launcher = _launch(env, "--set", "train.steps=9", log=tmp_path / "launcher.log")
     if sig is not None:
         wait_for(lambda: (tmp_path / "ready").exists() or launcher.poll() is not None, 20, "the stand-in torchrun")
@@ -122,9 +124,11 @@ def test_torchrun_arguments(tmp_path: Path) -> None:
     fake = tmp_path / "torchrun"
     fake.write_text(FAKE_TORCHRUN)
     fake.chmod(0o755)
+    config = tmp_path / "my.toml"
+    config.write_text("[train]\nglobal_batch_size = 32\n")  # the preflight checks it for 4 nodes x 8
     env = _env(TORCHRUN=str(fake), FAKE_DIR=str(tmp_path), FAKE_MODE="finish", RUN_DIR=str(tmp_path / "run"),
                NNODES="2:4", PET_RDZV_ENDPOINT="job-worker-0:29400", PET_NPROC_PER_NODE="8",
-               JOIN_TIMEOUT="123", SHUTDOWN_TIMEOUT="77", CONFIG="my.toml")
+               JOIN_TIMEOUT="123", SHUTDOWN_TIMEOUT="77", CONFIG=str(config))
     assert _wait(_launch(env, "--set", "train.steps=9", log=tmp_path / "launcher.log"), 30) == 0
     args = (tmp_path / "args").read_text().splitlines()
     after = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
@@ -139,8 +143,31 @@ def test_torchrun_arguments(tmp_path: Path) -> None:
     assert after["--redirects"] == "3" and after["--tee"] == "3"
     assert "--local-addr" not in after  # many nodes: torchrun looks up this node's address
     assert int(after["--max-restarts"]) > 0 and float(after["--monitor-interval"]) > 0
-    assert args[args.index("-m"):] == ["-m", "dtrain", "train", "--config", "my.toml", "--run-dir",
+    assert args[args.index("-m"):] == ["-m", "dtrain", "train", "--config", str(config), "--run-dir",
                                        str(tmp_path / "run"), "--set", "train.steps=9"]
+
+
+@pytest.mark.parametrize(("extra_env", "args", "fragment"), [
+    ({}, ["--set", "train.steps=0"], "train.steps = 0 is invalid"),
+    # the largest world NNODES x NPROC_PER_NODE allows (4 nodes x 2) is above the global batch
+    ({"NNODES": "2:4", "RDZV_ENDPOINT": "127.0.0.1:1", "NPROC_PER_NODE": "2"}, ["--set", "train.global_batch_size=6"],
+     "world size (8)"),
+    ({"RUN_DIR": "{tmp}/file/run"}, [], "file is not a directory"),
+], ids=["bad-set", "batch-below-world", "run-dir-under-a-file"])
+def test_bad_config_exits_2_before_torchrun_starts(tmp_path: Path, extra_env: dict[str, str], args: list[str],
+                                                   fragment: str) -> None:
+    """The real torchrun: without the preflight its workers would exit 2 and be restarted until it exits 1."""
+    (tmp_path / "file").write_text("")
+    run_dir = tmp_path / "run"
+    env = _env(**{"RUN_DIR": str(run_dir), "MAX_RESTARTS": "3",
+                  **{k: v.format(tmp=tmp_path) for k, v in extra_env.items()}})
+    started = time.monotonic()
+    done = run([str(LAUNCHER), *args], timeout=120, env=env)
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert time.monotonic() - started < 60, "the preflight should answer within seconds"
+    assert fragment in done.stdout
+    assert "torchrun not started" in done.stdout and "torch.distributed" not in done.stdout
+    assert not run_dir.exists()  # no log dir, no worker: nothing was started or written
 
 
 # -- slow: the real thing -----------------------------------------------------------------------
