@@ -1,48 +1,81 @@
-"""dtrain's side of `make bench`: fill in `save` and `restore`; the harness does the rest.
-
-Until they are implemented, both raise NotImplementedError and the table shows the dtrain rows as
-skipped, with every ratio in `bench/results.json` left null.
-
-The contract, the same one every baseline in `bench/methods.py` follows:
+"""dtrain's side of `make bench`: the same save/restore contract every baseline follows.
 
 - Both are called on every rank at the same time, inside a process group that is already up
   (gloo on 127.0.0.1, the torchrun variables RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set).
   `state.module` is the model (DDP's inner module when world_size > 1), `state.optimizer` its Adam,
-  identical on every rank. `state_tensors(state)` in `bench/state.py` lists every tensor.
-- `run_dir` is the same existing directory on every rank, on the repository's filesystem, empty
-  before the first save. Write anywhere under it.
+  identical on every rank.
 - `save` returns when training may change the parameters again: the seconds it takes are the
   *stall*. The harness changes the head and tail of every tensor right after it returns, then calls
-  the returned `wait()`, which blocks until the snapshot is committed on this rank. *total* is
-  until `wait()` returns on every rank plus an fsync of every file and directory under `run_dir`
-  (near zero when `wait()` already made them durable).
+  the returned `wait()`, which blocks until the snapshot is committed.
 - `restore` runs after the page cache was dropped and loads the snapshot of `step` into
-  `state.module` and `state.optimizer` in place. The harness compares the result with the state as
-  it was when `save` was called; a mismatch is reported in the table.
-- In the throughput run, `save` is called every N steps with the same `run_dir` and increasing
-  `step`; the harness calls the previous `wait()` before the next `save` and after the last step.
-  Training all-reduces on the default process group meanwhile, so a background thread must not
-  use it (a store, or a group of its own).
+  `state.module` and `state.optimizer` in place.
+
+dtrain is used as a training job uses it: one `SnapshotWriter` per run dir (at most one save in
+flight, the next save waits for the previous), default staging (`auto`: fork where the process may
+fork), the replicated model and optimizer spread over the ranks, and the commit protocol in full
+(store barrier, manifest, rename, `latest`). `world_size` lets the resharding case save or restore
+with one process of a larger group, as a job restarted on fewer processes would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
+
+from dtrain.dist import DistContext, attach, solo_context
+from dtrain.snapshot import reader
+from dtrain.snapshot.writer import SnapshotWriter
+from dtrain.storage.local import LocalStorage
 
 from bench.state import BenchState
 
+_writers: dict[tuple[Path, int], SnapshotWriter] = {}
 
-def save(state: BenchState, run_dir: Path, step: int) -> Callable[[], None]:
+
+@cache
+def _group_context() -> DistContext:
+    return attach()
+
+
+def _context(state: BenchState, world_size: int | None) -> DistContext:
+    """The whole group, or (world_size=1) this process alone."""
+    if world_size is None or world_size == state.world_size:
+        return _group_context()
+    if world_size != 1:
+        raise ValueError(f"world_size={world_size}: only the whole group ({state.world_size}) or 1 is supported")
+    return solo_context()
+
+
+def _writer(run_dir: Path, ctx: DistContext) -> SnapshotWriter:
+    key = (run_dir, ctx.world_size)
+    if key not in _writers:
+        _writers.clear()  # a new run dir: the previous one's saves were all waited for
+        _writers[key] = SnapshotWriter(LocalStorage(run_dir), ctx)
+    return _writers[key]
+
+
+def save(state: BenchState, run_dir: Path, step: int, world_size: int | None = None) -> Callable[[], None]:
     """Start a dtrain snapshot of `state` at `step` under `run_dir`; return its wait().
 
     Example:
         wait = save(state, Path("tmp/bench-x/rep-0"), step=1)
         wait()  # committed and durable
     """
-    raise NotImplementedError("dtrain case not implemented yet (bench/dtrain_cases.py save)")
+    writer = _writer(run_dir, _context(state, world_size))
+    pending = writer.save(step, {"model": state.module.state_dict(), "optimizer": state.optimizer.state_dict()},
+                          private={}, meta={})
+
+    def wait() -> None:
+        pending.wait()  # raises SnapshotError when the snapshot was not committed
+
+    return wait
 
 
-def restore(state: BenchState, run_dir: Path, step: int) -> None:
-    """Load the committed snapshot of `step` under `run_dir` into `state`, in place."""
-    raise NotImplementedError("dtrain case not implemented yet (bench/dtrain_cases.py restore)")
+def restore(state: BenchState, run_dir: Path, step: int, world_size: int | None = None) -> None:
+    """Load the committed snapshot of `step` under `run_dir` into `state`, in place: as a restart
+    does, reading straight into the live tensors (`load_state_dict` then finds them in place)."""
+    live = {"model": state.module.state_dict(), "optimizer": state.optimizer.state_dict()}
+    restored = reader.restore(LocalStorage(run_dir), step, _context(state, world_size), into=live)
+    state.module.load_state_dict(restored.objects["model"])
+    state.optimizer.load_state_dict(restored.objects["optimizer"])

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import timedelta
 
 import torch
@@ -44,6 +46,11 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @cached_property
+    def is_one_host(self) -> bool:
+        """Whether every rank runs on this machine. Asks the store on first use: call it on every rank."""
+        return self.world_size == 1 or len(set(self.exchange("hosts", socket.gethostname()))) == 1
 
     def any(self, *flags: bool) -> list[bool]:
         """For each flag, whether it is set on any rank: one small all-reduce, so ranks decide together."""

@@ -91,7 +91,7 @@ class Trainer:
 
     def resume(self) -> int | None:
         self.snapshots.prepare_run_dir()
-        restored = self.snapshots.restore_latest()
+        restored = self.snapshots.restore_latest(into={"model": self.model.state_dict()})
         if restored is None:
             seed_all(self.cfg.train.seed, 0, self.ctx.rank)
             logger.info("starting a new run at world size %d", self.ctx.world_size)

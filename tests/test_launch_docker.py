@@ -9,6 +9,7 @@ packages and root; `DTRAIN_DOCKER_TESTS=0` skips it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -138,8 +139,10 @@ def _base_image(engine: Engine, cache: Path) -> None:
 
 
 def _wheels(cache: Path) -> Path:
-    """Every wheel the image installs: CPU torch and dtrain's dependencies, plus the build backend."""
-    wheels = cache / "wheels"
+    """Every wheel the image installs: CPU torch and dtrain's dependencies, plus the build backend.
+
+    Cached per version of pyproject.toml, so a changed dependency is fetched, not missed."""
+    wheels = cache / f"wheels-{hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()[:12]}"
     if not list(wheels.glob("torch-*.whl")):
         src = Path(tempfile.mkdtemp(prefix="dtrain-src-"))
         shutil.copy(REPO / "pyproject.toml", src)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 
 from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import checksum, layout, reader
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
@@ -201,7 +200,7 @@ def test_a_document_that_is_not_a_manifest_object_is_refused(text: str | bytes, 
         _replaced('"nbytes":4', '"nbytes":"4"'),
         _replaced('"bytes":4', '"bytes":"4"'),
         _replaced('"file":"rank-00000.bin"', '"file":["rank-00000.bin"]'),
-        _replaced('"crc32":0', '"crc32":"0"'),
+        _replaced('"crc32c":0', '"crc32c":"0"'),
         _replaced('"bytes":4', '"bytes":4.5'),
         _replaced('"file_offset":8', '"file_offset":true'),
         json.dumps({**_raw(), "per_rank": [[], []]}),
@@ -325,7 +324,7 @@ def test_ckpt_verify_names_the_planted_file_and_fails(tmp_path: Path) -> None:
     snap = _snapshot_dir(storage)
     marker = tmp_path / "pwned"
     data = _plant_pickle(snap, "replicated-00000.bin", marker)
-    assert zlib.crc32(data) != reader.read_manifest(storage, STEP).files["replicated-00000.bin"].crc32
+    assert checksum.extend(0, memoryview(data)) != reader.read_manifest(storage, STEP).files["replicated-00000.bin"].crc32c
 
     result = run(dtrain_cmd("ckpt", "verify", str(tmp_path / "run")), timeout=120)
     assert result.returncode == 1, result.stdout

@@ -17,7 +17,7 @@ from dtrain.snapshot.staging import ForkedWriter
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
-from tests.workloads import train, train_with_failing_rank
+from tests.workloads import restore_in_place, train, train_with_failing_rank
 
 
 def _state(seed: int) -> dict:
@@ -84,6 +84,19 @@ def test_replicated_state_is_written_once_spread_over_ranks(tmp_path: Path, worl
     assert reader.verify(LocalStorage(tmp_path), 6) == []
 
 
+@pytest.mark.parametrize("is_one_host", [True, False], ids=["every-rank-reads", "spread-and-broadcast"])
+def test_restore_at_another_world_size_reads_into_the_live_tensors(tmp_path: Path, is_one_host: bool) -> None:
+    run_ranks(train, 3, str(tmp_path), ["train.steps=6", "snapshot.every_steps=6", "snapshot.file_mb=1",
+                                        "task.options.hidden=512"])
+    _, expected = reader.read_tensors(LocalStorage(tmp_path), 6, "model/")
+    results = run_ranks(restore_in_place, 2, str(tmp_path), 6, is_one_host)
+    for r in results:
+        assert r["in_place"], "a tensor was allocated although a live one of its shape was given"
+        assert r["model"].keys() == {k.removeprefix("model/") for k in expected}
+        for k, v in expected.items():
+            assert torch.equal(r["model"][k.removeprefix("model/")], v), k
+
+
 def test_storage_failure_on_one_rank_commits_nothing_and_keeps_the_previous(tmp_path: Path) -> None:
     overrides = ["train.steps=30", "snapshot.every_steps=10", "snapshot.max_consecutive_failures=1"]
     results = run_ranks(train_with_failing_rank, 2, str(tmp_path), overrides, 1, 20)
@@ -103,11 +116,11 @@ def test_failed_save_is_retried_at_the_next_snapshot(tmp_path: Path) -> None:
     assert reader.committed_steps(LocalStorage(tmp_path)) == [10, 30]
 
 
-def _two_snapshots(tmp_path: Path) -> LocalStorage:
-    run_ranks(train, 2, str(tmp_path), ["train.steps=20", "snapshot.every_steps=10"])
+def _two_snapshots(tmp_path: Path) -> tuple[LocalStorage, list[dict]]:
+    results = run_ranks(train, 2, str(tmp_path), ["train.steps=20", "snapshot.every_steps=10"])
     storage = LocalStorage(tmp_path)
     assert reader.committed_steps(storage) == [10, 20]
-    return storage
+    return storage, results
 
 
 def _flip_byte(path: Path, at: int) -> None:
@@ -126,7 +139,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("how, victim", [("flip", "replicated-00000.bin"), ("delete", "rank-00001.bin")])
 def test_corruption_is_named_and_resume_falls_back(tmp_path: Path, how: str, victim: str) -> None:
-    storage = _two_snapshots(tmp_path)
+    storage, first = _two_snapshots(tmp_path)
     bad = storage.path(layout.committed_path(20)) / victim
     CORRUPTIONS[how](bad)
     problems = reader.verify(storage, 20)
@@ -134,6 +147,20 @@ def test_corruption_is_named_and_resume_falls_back(tmp_path: Path, how: str, vic
     results = run_ranks(train, 2, str(tmp_path), ["train.steps=20", "snapshot.every_steps=10"])
     assert [r["resumed_from"] for r in results] == [10, 10]
     assert reader.verify(storage, 20) == []  # step 20 was trained again and re-committed
+    for before, after in zip(first, results, strict=True):  # the bad bytes read into the live model left no trace
+        for k, v in before["model"].items():
+            assert torch.equal(after["model"][k], v), k
+
+
+def test_a_run_whose_every_snapshot_is_corrupt_refuses_to_start_over(tmp_path: Path) -> None:
+    storage, _ = _two_snapshots(tmp_path)
+    for step in (10, 20):
+        _flip_byte(storage.path(layout.committed_path(step)) / "replicated-00000.bin", 777)
+    results = run_ranks(train, 2, str(tmp_path), ["train.steps=30", "snapshot.every_steps=10"])
+    for r in results:
+        assert r["error"] is not None and "none of the 2 committed snapshots" in r["error"]
+        assert "step_000000010/replicated-00000.bin" in r["error"]
+    assert reader.committed_steps(storage) == [10, 20]  # nothing was trained over them
 
 
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))

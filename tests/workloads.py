@@ -93,3 +93,24 @@ def train_on_slow_disk(run_dir: str, overrides: list[str], delay: float) -> dict
     trainer.fit()
     overlapped = sum(any(a <= t <= b for a, b in storage.writes) for t in step_times)
     return {"steps": len(step_times), "overlapped": overlapped, "writes": len(storage.writes)}
+
+
+def restore_in_place(run_dir: str, step: int, is_one_host: bool) -> dict[str, Any]:
+    """Restore `step` into zeroed tensors shaped like the snapshot's, with either read strategy."""
+    import torch.distributed as dist
+
+    from dtrain.dist import attach
+    from dtrain.snapshot import reader
+
+    dist.init_process_group("gloo")
+    ctx = attach()
+    ctx.__dict__["is_one_host"] = is_one_host  # the strategy a multi-machine job would take, on one machine
+    storage = LocalStorage(run_dir)
+    manifest = reader.read_manifest(storage, step)
+    live = {k.removeprefix("model/"): torch.zeros(e.shape, dtype=torch.float32)
+            for k, e in manifest.tensors.items() if k.startswith("model/")}
+    restored = reader.restore(storage, step, ctx, into={"model": live})
+    model = restored.objects["model"]
+    dist.destroy_process_group()
+    return {"model": {k: v.clone() for k, v in model.items()},
+            "in_place": all(model[k].data_ptr() == live[k].data_ptr() for k in live)}

@@ -53,16 +53,28 @@ class SnapshotManager:
                 self.storage.remove_tree(f"{layout.PENDING}/{name}")
         self.ctx.barrier()
 
-    def restore_latest(self) -> reader.Restored | None:
-        """The newest committed snapshot that verifies, restored on every rank; None when there is none."""
-        for step in reversed(self._agreed_steps()):
+    def restore_latest(self, into: dict[str, Any] | None = None) -> reader.Restored | None:
+        """The newest committed snapshot that verifies, restored on every rank; None when there is none.
+
+        `into` (live state dicts) receives the bytes directly, see `reader.restore`. When snapshots
+        exist but none verifies, this raises rather than let the run start over: that would
+        silently throw away the training they hold, and `into` may hold a mix of their bytes.
+        """
+        steps = self._agreed_steps()
+        problems = []
+        for step in reversed(steps):
             try:
-                restored = reader.restore(self.storage, step, self.ctx)
+                restored = reader.restore(self.storage, step, self.ctx, into)
             except CorruptSnapshotError as e:
                 logger.warning("%s; falling back to the previous committed snapshot", e)
+                problems.append(str(e))
                 continue
             self.last_saved_step = step
             return restored
+        if steps:
+            raise CorruptSnapshotError(
+                f"none of the {len(steps)} committed snapshots in {getattr(self.storage, 'root', 'the run dir')} "
+                f"verifies ({'; '.join(problems)}); to start over, move the run dir's snapshots/ aside")
         return None
 
     def _agreed_steps(self) -> list[int]:

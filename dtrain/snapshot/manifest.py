@@ -1,7 +1,7 @@
 """The manifest: the JSON document that makes a directory of files a snapshot.
 
 Rank 0 writes it last, after every rank's files are durable. It lists every file with its size
-and CRC-32, and every tensor with its dtype, shape and the byte ranges (pieces) that hold it.
+and CRC-32C, and every tensor with its dtype, shape and the byte ranges (pieces) that hold it.
 Parsing treats it as hostile: file names must be plain names inside the snapshot, sizes and
 counts must be plausible and consistent, and nothing in it is ever executed or unpickled.
 """
@@ -64,7 +64,7 @@ class TensorEntry:
 @dataclass(frozen=True)
 class FileEntry:
     bytes: int
-    crc32: int
+    crc32c: int
     writer: int
 
 
@@ -117,7 +117,7 @@ def _parse(raw: Any) -> Manifest:
                        [_piece(p) for p in _of(list, v["pieces"], "pieces")])
         for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()
     }
-    files = {k: FileEntry(_int(v["bytes"], "bytes"), _int(v["crc32"], "crc32"), _int(v["writer"], "writer"))
+    files = {k: FileEntry(_int(v["bytes"], "bytes"), _int(v["crc32c"], "crc32c"), _int(v["writer"], "writer"))
              for k, v in _bounded(raw["files"], _MAX_FILES, "files").items() if _fields(v, FileEntry, k)}
     return Manifest(
         step=_int(raw["step"], "step"), world_size=_int(raw["world_size"], "world_size"),
@@ -173,6 +173,7 @@ def check(m: Manifest, where: str) -> None:
         _expect(0 <= f.writer < m.world_size, where, f"file {name} has writer {f.writer}")
     for key, t in m.tensors.items():
         _check_tensor(key, t, m.files, where)
+    _check_files_tiled(m, where)
 
 
 def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: str) -> None:
@@ -188,6 +189,24 @@ def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: 
                 f"tensor {key} reads past the end of {p.file}")
         covered += p.nbytes
     _expect(covered == t.nbytes, where, f"tensor {key} pieces hold {covered} bytes, its shape needs {t.nbytes}")
+
+
+def _check_files_tiled(m: Manifest, where: str) -> None:
+    """Every file is its pieces end to end, as the writer packs them: a reader may then stream a
+    file straight into its tensors, and no byte of a file is unaccounted for."""
+    ends: dict[str, int] = {}
+    for key, p in sorted(file_pieces(m), key=lambda kp: (kp[1].file, kp[1].file_offset, kp[1].nbytes)):
+        end = ends.get(p.file, 0)
+        _expect(p.file_offset == end, where, f"file {p.file} has a gap or overlap at byte {end} (tensor {key})")
+        ends[p.file] = end + p.nbytes
+    for name, f in m.files.items():
+        _expect(ends.get(name, 0) == f.bytes, where,
+                f"file {name} is {f.bytes} bytes, its pieces hold {ends.get(name, 0)}")
+
+
+def file_pieces(m: Manifest) -> list[tuple[str, Piece]]:
+    """Every (tensor key, piece) of the manifest."""
+    return [(key, p) for key, t in m.tensors.items() for p in t.pieces]
 
 
 def _expect(ok: bool, where: str, what: str) -> None:

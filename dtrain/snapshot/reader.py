@@ -1,18 +1,23 @@
 """Find, verify and restore committed snapshots.
 
-Restore reads each byte once, whatever the world size: the replicated files are spread over the
-restoring ranks exactly as the writer spreads them (`plan.spread`), each rank reads and checks
-its files, the ranks agree that every check passed, and each file is then broadcast from its
-reader. Private files (per-rank RNG) are read only by their own rank, and only when the world
-size is unchanged. Nothing is applied to the live model until every check has passed, so a
-corrupt snapshot is refused whole and the caller can fall back to an older one.
+Restore reads each byte from storage once, whatever the world size. Across machines the
+replicated files are spread over the restoring ranks exactly as the writer spreads them
+(`plan.spread`), each rank reads and checks its files, the ranks agree that every check passed,
+and each file is then broadcast from its reader. On one machine every rank reads every file
+itself: the page cache turns all but the first read into a memory copy, which beats a broadcast
+over loopback, and the check runs on every rank in parallel. Private files (per-rank RNG) are read only by their own rank, and only when the world
+size is unchanged. A corrupt snapshot is refused whole, naming every bad file, and the caller can
+fall back to an older one.
+
+Bytes travel once through memory: each file is read straight into the tensors its pieces belong
+to, checksummed as it arrives, and broadcast from there. Given the live state dicts (`into`), those
+tensors are the live ones, and restoring costs little more than reading the files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +25,14 @@ import torch
 
 from dtrain.dist import DistContext, solo_context
 from dtrain.errors import CorruptSnapshotError, NoSnapshotError
-from dtrain.snapshot import layout
-from dtrain.snapshot.manifest import DTYPES, MAX_MANIFEST_BYTES, FileEntry, Manifest, Piece
+from dtrain.snapshot import checksum, layout
+from dtrain.snapshot.manifest import DTYPES, MAX_MANIFEST_BYTES, FileEntry, Manifest, Piece, file_pieces
 from dtrain.snapshot.plan import spread
-from dtrain.snapshot.tree import unflatten
+from dtrain.snapshot.tree import flatten, unflatten
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-_CRC_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -79,46 +83,68 @@ def verify(storage: Storage, step: int) -> list[str]:
 
 
 def read_checked(storage: Storage, path: str, entry: FileEntry) -> torch.Tensor:
-    """The whole file as a uint8 tensor, after checking its size and CRC-32 against the manifest."""
+    """The whole file as a uint8 tensor, after checking its size and CRC-32C against the manifest."""
+    buf = torch.empty(entry.bytes, dtype=torch.uint8)
+    read_into(storage, path, entry, [buf])
+    return buf
+
+
+def read_into(storage: Storage, path: str, entry: FileEntry, segments: list[torch.Tensor]) -> None:
+    """Read a file straight into `segments` (uint8 tensors that tile it, in order), checking its
+    size and CRC-32C against the manifest; the checksum runs on each segment as it arrives."""
     try:
         size = storage.size(path)
         if size != entry.bytes:
             raise CorruptSnapshotError(f"{path}: {size} bytes on disk, the manifest records {entry.bytes}")
-        buf = torch.empty(entry.bytes, dtype=torch.uint8)
-        storage.read_into(path, 0, memoryview(buf.numpy()))
+        crc, offset = 0, 0
+        for segment in segments:
+            view = memoryview(segment.numpy())
+            storage.read_into(path, offset, view)
+            crc = checksum.extend(crc, view)
+            offset += len(view)
     except (OSError, EOFError) as e:
         raise CorruptSnapshotError(f"{path}: cannot be read ({e})") from None
-    view = memoryview(buf.numpy())
-    crc = 0
-    for start in range(0, len(view), _CRC_BLOCK):
-        crc = zlib.crc32(view[start:start + _CRC_BLOCK], crc)
-    if crc != entry.crc32:
-        raise CorruptSnapshotError(f"{path}: checksum mismatch (crc32 {crc:08x}, the manifest records {entry.crc32:08x})")
-    return buf
+    if crc != entry.crc32c:
+        raise CorruptSnapshotError(f"{path}: checksum mismatch (crc32c {crc:08x}, the manifest records {entry.crc32c:08x})")
 
 
-def restore(storage: Storage, step: int, ctx: DistContext | None = None) -> Restored:
-    """Read snapshot `step` on every rank of `ctx` (or alone); raises CorruptSnapshotError on any bad byte."""
+def restore(storage: Storage, step: int, ctx: DistContext | None = None,
+            into: dict[str, Any] | None = None) -> Restored:
+    """Read snapshot `step` on every rank of `ctx` (or alone); raises CorruptSnapshotError on any bad byte.
+
+    `into` maps object names to live state dicts (`{"model": model.state_dict()}`): a saved tensor
+    whose key, dtype and shape match a contiguous CPU tensor there is read straight into it, with
+    no second copy in memory and no copy afterwards (`load_state_dict` of a tensor into itself is
+    free). The price: when a check fails, those tensors hold a mix of bytes, and the caller must
+    restore an older snapshot over them or not use them.
+
+    Example::
+
+        restored = restore(LocalStorage(run_dir), 120, ctx, into={"model": model.state_dict()})
+        model.load_state_dict(restored.objects["model"])
+    """
     ctx = ctx or solo_context()
     manifest = _agreed_manifest(storage, step, ctx)
     base = layout.committed_path(step)
     shared = sorted(n for n in manifest.files if not _is_rank_file(n))
-    readers = spread([manifest.files[n].bytes for n in shared], ctx.world_size)
+    # On one machine every rank reads every file: after the first reader the page cache serves it,
+    # faster than a broadcast over loopback. Across machines each reads 1/W' and broadcasts.
+    everyone_reads = ctx.is_one_host
+    readers = [ctx.rank] * len(shared) if everyone_reads else spread([manifest.files[n].bytes for n in shared], ctx.world_size)
     mine = [n for n, r in zip(shared, readers) if r == ctx.rank]
     same_world = manifest.world_size == ctx.world_size
     own = [layout.rank_file(ctx.rank)] if same_world and layout.rank_file(ctx.rank) in manifest.files else []
-    buffers, problems = _read_files(storage, base, manifest, mine + own)
+    tensors = _Destinations(manifest, _targets(into or {}))
+    problems = _read_files(storage, base, manifest, mine + own, tensors)
     _agree_intact(ctx, step, "files", problems)
-    index = _pieces_by_file(manifest)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, reader in zip(shared, readers):
-        buf = buffers.pop(name) if reader == ctx.rank else torch.empty(manifest.files[name].bytes, dtype=torch.uint8)
-        ctx.broadcast(buf, src=reader)
-        _scatter(buf, index.get(name, []), manifest, tensors)
-    for name in own:
-        _scatter(buffers.pop(name), index.get(name, []), manifest, tensors)
-    objects = {k: unflatten(v, tensors) for k, v in manifest.objects.items()}
-    private = {k: unflatten(v, tensors) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
+    if not everyone_reads:
+        for name, reader in zip(shared, readers):
+            if reader == ctx.rank:
+                _send(ctx, tensors.segments(name))
+            else:
+                _receive(ctx, tensors.segments(name), src=reader)
+    objects = {k: unflatten(v, tensors.made) for k, v in manifest.objects.items()}
+    private = {k: unflatten(v, tensors.made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
     return Restored(manifest, objects, private)
 
 
@@ -127,14 +153,11 @@ def read_tensors(storage: Storage, step: int, prefix: str) -> tuple[Manifest, di
     manifest = read_manifest(storage, step)
     wanted = {k: e for k, e in manifest.tensors.items() if k.startswith(prefix)}
     names = sorted({p.file for e in wanted.values() for p in e.pieces})
-    buffers, problems = _read_files(storage, layout.committed_path(step), manifest, names)
+    tensors = _Destinations(manifest, {})
+    problems = _read_files(storage, layout.committed_path(step), manifest, names, tensors)
     if problems:
         raise CorruptSnapshotError("; ".join(problems))
-    index = _pieces_by_file(manifest)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        _scatter(buffers.pop(name), index[name], manifest, tensors)
-    return manifest, {k: t for k, t in tensors.items() if k in wanted}
+    return manifest, {k: t for k, t in tensors.made.items() if k in wanted}
 
 
 def newest_step(storage: Storage) -> int:
@@ -169,31 +192,87 @@ def _agree_intact(ctx: DistContext, step: int, phase: str, problems: list[str]) 
     raise CorruptSnapshotError(f"snapshot {layout.step_dir_name(step)} failed verification: " + "; ".join(everything))
 
 
-def _read_files(storage: Storage, base: str, manifest: Manifest, names: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    buffers, problems = {}, []
+def _read_files(storage: Storage, base: str, manifest: Manifest, names: list[str],
+                tensors: _Destinations) -> list[str]:
+    problems = []
     for name in names:
         try:
-            buffers[name] = read_checked(storage, f"{base}/{name}", manifest.files[name])
+            read_into(storage, f"{base}/{name}", manifest.files[name], tensors.segments(name))
         except CorruptSnapshotError as e:
             logger.warning("%s", e)
             problems.append(str(e))
-    return buffers, problems
+    return problems
+
+
+_BUCKET_BYTES = 1 << 20  # pieces under this travel packed together: one broadcast, not thousands
+
+
+def _send(ctx: DistContext, segments: list[torch.Tensor]) -> None:
+    if ctx.world_size == 1:
+        return
+    small = _broadcast_large(ctx, segments, ctx.rank)
+    if small:
+        ctx.broadcast(torch.cat(small), src=ctx.rank)
+
+
+def _receive(ctx: DistContext, segments: list[torch.Tensor], src: int) -> None:
+    small = _broadcast_large(ctx, segments, src)
+    if small:
+        bucket = torch.empty(sum(s.numel() for s in small), dtype=torch.uint8)
+        ctx.broadcast(bucket, src=src)
+        for segment, part in zip(small, bucket.split([s.numel() for s in small]), strict=True):
+            segment.copy_(part)
+
+
+def _broadcast_large(ctx: DistContext, segments: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+    """Broadcast the large segments in place, each straight into its tensor; return the small ones."""
+    small = []
+    for segment in segments:
+        if segment.numel() >= _BUCKET_BYTES:
+            ctx.broadcast(segment, src=src)
+        elif segment.numel():
+            small.append(segment)
+    return small
+
+
+def _targets(into: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The live tensors that may receive bytes directly, by snapshot key."""
+    found: dict[str, torch.Tensor] = {}
+    for name, state in into.items():
+        found.update(flatten(state, name)[1])
+    return {k: t for k, t in found.items() if t.device.type == "cpu" and t.is_contiguous()}
+
+
+class _Destinations:
+    """Where each file's bytes go: for every piece, a uint8 view of its tensor, in file order
+    (the manifest check guarantees that a file's pieces tile it end to end).
+
+    Tensors are made on first use: the live target of the same key, dtype and shape when there is
+    one, else a new one.
+    """
+
+    def __init__(self, manifest: Manifest, targets: dict[str, torch.Tensor]) -> None:
+        self.manifest = manifest
+        self.targets = targets
+        self.made: dict[str, torch.Tensor] = {}
+        self._index = _pieces_by_file(manifest)
+
+    def segments(self, name: str) -> list[torch.Tensor]:
+        return [self._bytes(key)[p.tensor_offset:p.tensor_offset + p.nbytes] for key, p in self._index.get(name, [])]
+
+    def _bytes(self, key: str) -> torch.Tensor:
+        if key not in self.made:
+            entry = self.manifest.tensors[key]
+            dtype = DTYPES[entry.dtype]
+            live = self.targets.get(key)
+            fits = live is not None and live.dtype == dtype and list(live.shape) == entry.shape
+            self.made[key] = live if fits else torch.empty(entry.shape, dtype=dtype)
+        return self.made[key].reshape(-1).view(torch.uint8)
 
 
 def _pieces_by_file(manifest: Manifest) -> dict[str, list[tuple[str, Piece]]]:
+    """Each file's (tensor key, piece) pairs in file order."""
     index: dict[str, list[tuple[str, Piece]]] = {}
-    for key, entry in manifest.tensors.items():
-        for p in entry.pieces:
-            index.setdefault(p.file, []).append((key, p))
+    for key, p in sorted(file_pieces(manifest), key=lambda kp: (kp[1].file_offset, kp[1].nbytes)):
+        index.setdefault(p.file, []).append((key, p))
     return index
-
-
-def _scatter(buf: torch.Tensor, pieces: list[tuple[str, Piece]], manifest: Manifest,
-             tensors: dict[str, torch.Tensor]) -> None:
-    """Copy each piece out of a file's bytes into its tensor, allocating tensors on first use."""
-    for key, p in pieces:
-        if key not in tensors:
-            entry = manifest.tensors[key]
-            tensors[key] = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
-        flat = tensors[key].reshape(-1).view(torch.uint8)
-        flat[p.tensor_offset:p.tensor_offset + p.nbytes].copy_(buf[p.file_offset:p.file_offset + p.nbytes])

@@ -7,7 +7,7 @@ A save has five phases. Only the first blocks training.
    (`plan`); each rank copies the bytes of *its* files, plus its private state, into host
    buffers. Training may change the parameters as soon as this returns.
 2. Write (background thread, every rank). Each file goes into
-   `snapshots/.pending/step_N.<nonce>/`, its CRC-32 computed on the way, and is fsynced.
+   `snapshots/.pending/step_N.<nonce>/`, its CRC-32C computed on the way, and is fsynced.
 3. Report. Each rank puts a small JSON report under a store key: its files' sizes and CRCs
    and its private skeletons, or its error. The store, not a collective, is the barrier: a
    background thread must never issue collectives on the training group.
@@ -31,7 +31,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -42,7 +41,7 @@ import torch
 from dtrain.config import AUTO
 from dtrain.dist import DistContext
 from dtrain.errors import SnapshotError
-from dtrain.snapshot import layout
+from dtrain.snapshot import checksum, layout
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, dtype_name
 from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
 from dtrain.snapshot.staging import ForkedWriter, byte_view, can_fork, release
@@ -50,9 +49,6 @@ from dtrain.snapshot.tree import as_bytes, flatten
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)
-
-_CRC_BLOCK = 8 << 20
-
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -232,9 +228,9 @@ class SnapshotWriter:
         handle = self.storage.open_write(path)
         try:
             for chunk in chunks:
-                for start in range(0, len(chunk), _CRC_BLOCK):
-                    block = chunk[start:start + _CRC_BLOCK]
-                    crc = zlib.crc32(block, crc)
+                for start in range(0, len(chunk), checksum.BLOCK):  # checksum each block while it is in cache
+                    block = chunk[start:start + checksum.BLOCK]
+                    crc = checksum.extend(crc, block)
                     handle.write(block)
                 size += len(chunk)
                 if done is not None:
@@ -243,7 +239,7 @@ class SnapshotWriter:
         except BaseException:
             handle.abort()
             raise
-        return {"bytes": size, "crc32": crc, "writer": self.ctx.rank}
+        return {"bytes": size, "crc32c": crc, "writer": self.ctx.rank}
 
     def _commit(self, staged: StagedSnapshot) -> dict[str, Any]:
         try:
