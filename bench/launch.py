@@ -30,8 +30,9 @@ _POLL_S = 1.0
 class Settings:
     state_bytes: int
     reps: int
-    train_steps: int
-    every: int
+    intervals: int  # snapshot intervals per timed throughput window
+    every: int  # steps between snapshots; 0: auto, from dtrain's write time and `write_share`
+    write_share: float
     train_methods: list[str]  # variants of the throughput case, "none" first
     threads: int  # torch threads per rank; 0: cores / world size
     cache_mode: str  # "drop_caches" or "fadvise"

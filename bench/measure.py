@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import shutil
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -237,8 +239,9 @@ def _remove_run_dir(run_dir: Path, state: BenchState) -> None:
 
 
 class EveryNSteps:
-    """The snapshot hook of the throughput run: a save at every `every`-th step that leaves at
-    least `every` steps after it, the previous one waited for before the next and at the end."""
+    """The snapshot hook of the throughput run: a save before step 1 and after every `every`-th
+    step that leaves `every` steps after it, so a window of k x `every` steps holds exactly k
+    snapshots; the previous one is waited for before the next, and the last at the end."""
 
     def __init__(self, method: Method, state: BenchState, run_dir: Path, every: int, steps: int) -> None:
         self.method, self.state, self.run_dir = method, state, run_dir
@@ -247,7 +250,7 @@ class EveryNSteps:
         self._pending: Wait | None = None
 
     def on_step(self, step: int) -> None:
-        if step % self.every == 0 and step + self.every <= self.steps:
+        if step % self.every == 0 and step + self.every <= self.steps:  # step 0: before the first
             self.finish()
             self._pending = self.method.save(self.state, self.run_dir, step)
             self.saves += 1
@@ -291,6 +294,71 @@ def _timed_training(method: Method | None, state: BenchState, run_dir: Path, ste
         return train_steps(state, steps, hook.on_step, hook.finish), hook.saves
     finally:
         _remove_run_dir(run_dir, state)
+
+
+_PROBE_STEPS = 3
+
+
+def choose_interval(state: BenchState, every: int, write_share: float,
+                    dtrain_save: dict[str, Any] | None) -> dict[str, Any]:
+    """The throughput run's steps between snapshots: `every`, or (0, auto) the number in which
+    dtrain's write takes `write_share` of the interval, from the median total of its save case in
+    this launch and a timed training step. Every rank takes the slowest rank's figures."""
+    train_steps(state, 1)  # warm-up, untimed
+    step_s = 1 / train_steps(state, _PROBE_STEPS)
+    if every:
+        return {"every": every, "step_s": _slowest(step_s)}
+    if dtrain_save is None or dtrain_save.get("status") != "ok":
+        raise RuntimeError("--every auto needs dtrain's save case to have run first in this launch")
+    write_s = _slowest(statistics.median(rep["total_s"] for rep in dtrain_save["reps"]))
+    step_s = _slowest(step_s)
+    return {"every": max(1, math.ceil(write_s / (write_share * step_s))), "write_s": write_s, "step_s": step_s}
+
+
+def _slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def measure_reshard(state: BenchState, case_dir: Path, reps: int, cache_mode: str,
+                    pristine: Pristine) -> dict[str, Any]:
+    """dtrain's restore at another world size, both ways, `reps` times each: saved by every rank
+    and restored by rank 0 alone (W -> 1), and saved by rank 0 alone and restored by every rank
+    (1 -> W), as a job restarted on fewer or more processes does."""
+    out: dict[str, list[dict[str, Any]]] = {"to_one": [], "from_one": []}
+    for i in range(reps):
+        for way in out:
+            run_dir = _fresh_run_dir(case_dir / f"reshard-{way}-rep{i}", state)
+            out[way].append(_reshard_once(state, run_dir, way == "from_one", cache_mode, pristine))
+            _remove_run_dir(run_dir, state)
+    return out
+
+
+def _reshard_once(state: BenchState, run_dir: Path, from_one: bool, cache_mode: str,
+                  pristine: Pristine) -> dict[str, Any]:
+    from bench import dtrain_cases
+
+    alone = state.rank == 0  # the one process of the 1-rank side
+    barrier()
+    if alone or not from_one:
+        wait = dtrain_cases.save(state, run_dir, 1, world_size=1 if from_one else state.world_size)
+        mutate(state)
+        wait()
+    else:
+        mutate(state)  # so that a restore that skipped this rank shows
+    barrier()
+    fsync_tree(run_dir, state.rank, state.world_size)
+    evict(run_dir, state, cache_mode)
+    out: dict[str, Any] = {"restore_s": None, "verified": None}
+    if alone or from_one:
+        start = time.perf_counter()
+        dtrain_cases.restore(state, run_dir, 1, world_size=state.world_size if from_one else 1)
+        out = {"restore_s": time.perf_counter() - start, "verified": pristine.is_intact(state)}
+    if not out["verified"]:
+        pristine.reset(state)
+    return out
 
 
 def _name(method: Method | None) -> str:

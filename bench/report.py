@@ -24,6 +24,8 @@ RATIO_DEFINITIONS = {
     "throughput_ratio_with_snapshots": "steps/s with a snapshot every N steps / steps/s with none",
     "restore_ratio_vs_raw_read": "restore_s / restore_s of raw_io (sequential read of the same bytes)",
     "extra_rss_ratio": "extra_rss_mb / the state's own size on one rank (1.0 = one full extra copy)",
+    "restore_resharded_ratio_vs_raw_read": "restore_s of a snapshot saved at another world size / restore_s "
+                                           "of raw_io at the restoring world size (the worse of both ways)",
 }
 
 
@@ -63,15 +65,17 @@ def _restore_note(per_rank: list[dict[str, Any]]) -> str:
     return "; ".join(sorted(notes))
 
 
-def train_rows(names: list[str], ranks: int, outcome: dict[str, Any], every: int,
-               steps: int) -> list[dict[str, Any]]:
+def train_rows(names: list[str], ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant of the throughput case; a failed case fails every variant."""
-    return [_train_row(name, ranks, outcome, every, steps) for name in names]
+    return [_train_row(name, ranks, outcome) for name in names]
 
 
-def _train_row(name: str, ranks: int, outcome: dict[str, Any], every: int, steps: int) -> dict[str, Any]:
+def _train_row(name: str, ranks: int, outcome: dict[str, Any]) -> dict[str, Any]:
+    first = outcome.get("per_rank", [{}])[0]
+    every, steps = first.get("every"), first.get("steps")
     label = "no snapshots" if name == "none" else f"{METHODS[name].label} every {every} steps"
-    row: dict[str, Any] = {"method": name, "label": label, "ranks": ranks, "every": every, "steps": steps}
+    row: dict[str, Any] = {"method": name, "label": label, "ranks": ranks, "every": every, "steps": steps,
+                           "write_s": first.get("write_s"), "step_s": first.get("step_s")}
     if "per_rank" not in outcome:
         return {**row, **outcome}
     per_rank = [r["variants"][name] if r["status"] == "ok" else r for r in outcome["per_rank"]]
@@ -101,8 +105,9 @@ def add_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], state_
         row["ratio_vs_none"] = _ratio(row, none[0] if none else None, "steps_per_s", row.get("status") == "ok")
 
 
-def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], ranks: list[int]) -> dict[str, Any]:
-    """The five headline ratios of dtrain per world size; null until its case exists."""
+def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], reshards: list[dict[str, Any]],
+                  ranks: list[int]) -> dict[str, Any]:
+    """The headline ratios of dtrain per world size (the launch's); null where a case is missing."""
     out: dict[str, Any] = {}
     for n in ranks:
         save = next((r for r in saves if r["method"] == "dtrain" and r["ranks"] == n), {})
@@ -110,8 +115,39 @@ def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], ran
         ratios = dict.fromkeys(RATIO_DEFINITIONS)
         ratios.update(save.get("ratios", {}))
         ratios["throughput_ratio_with_snapshots"] = train.get("ratio_vs_none")
+        both_ways = [r.get("ratio_vs_raw_read") for r in reshards if r["launch_ranks"] == n]
+        if both_ways and None not in both_ways:
+            ratios["restore_resharded_ratio_vs_raw_read"] = max(both_ways)
         out[str(n)] = ratios
     return out
+
+
+def reshard_rows(launch_ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two rows, W -> 1 and 1 -> W: the median over repetitions of the slowest restoring rank."""
+    rows = []
+    for way, saved, restored in (("to_one", launch_ranks, 1), ("from_one", 1, launch_ranks)):
+        row: dict[str, Any] = {"label": f"dtrain: saved on {saved}, restored on {restored}",
+                               "saved_ranks": saved, "ranks": restored, "launch_ranks": launch_ranks}
+        per_rank = outcome.get("per_rank")
+        if per_rank is None or any(r["status"] != "ok" for r in per_rank):
+            bad = outcome if per_rank is None else next(r for r in per_rank if r["status"] != "ok")
+            rows.append({**row, "status": bad.get("status"), "note": bad.get("note", "")})
+            continue
+        reps = [[r[way][i] for r in per_rank if r[way][i]["restore_s"] is not None]
+                for i in range(len(per_rank[0][way]))]
+        seconds = [max(x["restore_s"] for x in rep) for rep in reps]
+        rows.append({**row, "status": "ok", "restore_s": _median(seconds), "reps": seconds,
+                     "verified": all(x["verified"] for rep in reps for x in rep)})
+    return rows
+
+
+def add_reshard_ratios(reshards: list[dict[str, Any]], saves: list[dict[str, Any]]) -> None:
+    """Each row over the raw read floor at its restoring world size (None where not measured)."""
+    for row in reshards:
+        floor = next((r for r in saves if r["method"] == "raw_io" and r["ranks"] == row["ranks"]
+                      and r.get("status") == "ok"), None)
+        row["raw_read_s"] = floor.get("restore_s") if floor else None
+        row["ratio_vs_raw_read"] = _div(row.get("restore_s"), row["raw_read_s"])
 
 
 def _ratio(row: dict[str, Any], base: dict[str, Any] | None, field: str, ok: bool) -> float | None:
@@ -136,6 +172,15 @@ def save_table(rows: list[dict[str, Any]]) -> str:
     header = ("method", "ranks", "stall s", "total s", "extra RSS MB", "restore s", "note")
     body = [(r["label"], str(r["ranks"]), _fmt(r.get("stall_s")), _fmt(r.get("total_s")),
              _fmt(r.get("extra_rss_mb"), 0), _fmt(r.get("restore_s")), _row_note(r)) for r in rows]
+    return _table(header, body)
+
+
+def reshard_table(rows: list[dict[str, Any]]) -> str:
+    header = ("restore at another world size", "restore s", "raw read s", "ratio", "note")
+    body = [(r["label"], _fmt(r.get("restore_s")), _fmt(r.get("raw_read_s")), _fmt(r.get("ratio_vs_raw_read")),
+             f"{r.get('status')}: {r.get('note', '')}" if r.get("status") != "ok"
+             else ("" if r.get("verified") else "RESTORED VALUES DIFFER"))
+            for r in rows]
     return _table(header, body)
 
 

@@ -4,7 +4,7 @@ Usage:
 
     .venv/bin/python bench/run.py                                 # 1 GiB state, 3 reps, 1 and 2 ranks
     .venv/bin/python bench/run.py --state-gb 0.1 --reps 3         # quick run, ~100 s on 2 cores
-    .venv/bin/python bench/run.py --state-gb 0.1 --train-steps 0  # no throughput table, ~50 s
+    .venv/bin/python bench/run.py --state-gb 0.1 --intervals 0    # no throughput table, ~50 s
     .venv/bin/python bench/run.py --ranks 2 --only torch_save,dtrain --out /tmp/r.json
 
 Every method snapshots the same state (an MLP and its Adam state after one step, built once per
@@ -16,7 +16,9 @@ is deleted afterwards. Per method and world size it reports the median over repe
     extra RSS  peak resident memory above the state's own, per process
     restore  seconds to load it back into the live state, page cache dropped first
 
-and a throughput table: training steps per second with a snapshot every N steps. The table goes
+then dtrain's restore at another world size (saved on 2 ranks, restored on 1, and the reverse),
+and a throughput table: training steps per second with a snapshot every N steps, N chosen so
+that writing a snapshot takes about 10% of the interval (`--every auto`). The table goes
 to stdout, the raw figures and ratios to `--out` (bench/results.json). See bench/README.md.
 """
 
@@ -46,6 +48,7 @@ logger = logging.getLogger("bench")
 
 GIB = 1 << 30
 NO_SNAPSHOTS = "none"  # the throughput row without snapshots
+AUTO_EVERY = 0  # --every auto, decided in the launch from dtrain's measured write time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,9 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"methods, comma separated, of: {', '.join(METHODS)}, "
                                               f"{NO_SNAPSHOTS} (default all)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json", help="where the JSON goes")
-    p.add_argument("--train-steps", type=int, default=12,
-                   help="timed training steps per throughput repetition; 0 skips throughput (default 12)")
-    p.add_argument("--every", type=int, default=4, help="steps between snapshots in the throughput run (default 4)")
+    p.add_argument("--every", default="auto",
+                   help="steps between snapshots in the throughput run, or auto: the interval in which "
+                        "dtrain's write takes --write-share of the time (default auto)")
+    p.add_argument("--write-share", type=float, default=0.10,
+                   help="for --every auto: a snapshot's write time over the interval (default 0.10)")
+    p.add_argument("--intervals", type=int, default=1,
+                   help="snapshot intervals per timed throughput window; 0 skips throughput (default 1)")
+    p.add_argument("--throughput", default="torch_save,dtrain",
+                   help="methods timed in training beside no snapshots (default torch_save,dtrain)")
     p.add_argument("--tmp-dir", type=Path, default=REPO / "tmp",
                    help="where run dirs go; keep it on the filesystem under test (default <repo>/tmp)")
     p.add_argument("--threads", type=int, default=0,
@@ -84,24 +93,40 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     unknown = [m for m in args.only if m not in METHODS and m != NO_SNAPSHOTS]
     if unknown:
         p.error(f"--only {','.join(unknown)}: unknown; choose from {', '.join(METHODS)}, {NO_SNAPSHOTS}")
-    if args.state_gb <= 0 or args.reps < 1 or args.train_steps < 0 or args.every < 1 or args.threads < 0:
-        p.error("--state-gb must be > 0, --reps >= 1, --train-steps >= 0, --every >= 1, --threads >= 0")
-    if args.train_steps and args.train_steps < 2 * args.every:
-        p.error(f"--train-steps {args.train_steps}: use at least 2 x --every ({2 * args.every}) "
-                "so that a snapshot has `every` steps to overlap with")
+    if args.state_gb <= 0 or args.reps < 1 or args.intervals < 0 or args.threads < 0:
+        p.error("--state-gb must be > 0, --reps >= 1, --intervals >= 0, --threads >= 0")
+    args.every = _every(p, args.every)
+    if not 0 < args.write_share < 1:
+        p.error(f"--write-share {args.write_share}: a fraction between 0 and 1, such as 0.10")
+    if args.every == AUTO_EVERY and args.intervals and "dtrain" not in args.only:
+        p.error("--every auto sizes the interval from dtrain's save: add dtrain to --only, or give --every N")
+    args.throughput = [m.strip() for m in args.throughput.split(",") if m.strip()]
+    unknown = [m for m in args.throughput if m not in METHODS or not METHODS[m].in_throughput]
+    if unknown:
+        timed = [m for m in METHODS if METHODS[m].in_throughput]
+        p.error(f"--throughput {','.join(unknown)}: choose from {', '.join(timed)}")
 
 
-def cases_for(args: argparse.Namespace) -> list[str]:
-    """Save cases first, then one throughput case: training changes the state that the save cases
-    verify against."""
+def _every(p: argparse.ArgumentParser, text: str) -> int:
+    if text == "auto":
+        return AUTO_EVERY
+    if not text.isdigit() or int(text) < 1:
+        p.error(f"--every {text!r}: a number of steps (1 or more) or auto")
+    return int(text)
+
+
+def cases_for(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Save cases first, then dtrain's restore at another world size (from 2 ranks up), then one
+    throughput case: training changes the state that the save cases verify against."""
     saves = [f"save:{m}" for m in args.only if m in METHODS]
-    return saves + (["train"] if train_methods(args) else [])
+    reshard = ["reshard:dtrain"] if "dtrain" in args.only and world_size > 1 else []
+    return saves + reshard + (["train"] if train_methods(args) else [])
 
 
 def train_methods(args: argparse.Namespace) -> list[str]:
     """The variants of the throughput case, `none` first; empty when there is nothing to run."""
-    with_snapshots = [m for m in args.only if m in METHODS and METHODS[m].in_throughput]
-    if not args.train_steps or not (with_snapshots or NO_SNAPSHOTS in args.only):
+    with_snapshots = [m for m in args.only if m in args.throughput]
+    if not args.intervals or not (with_snapshots or NO_SNAPSHOTS in args.only):
         return []
     return [NO_SNAPSHOTS, *with_snapshots]
 
@@ -115,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.tmp_dir))
     if os.stat(work).st_dev != os.stat(REPO).st_dev:
         logger.warning("%s is not on the repository's filesystem", work)
-    settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, train_steps=args.train_steps,
-                        every=args.every, train_methods=train_methods(args), threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
+    settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, intervals=args.intervals,
+                        every=args.every, write_share=args.write_share, train_methods=train_methods(args), threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
                         case_timeout_s=args.case_timeout, collective_timeout_s=max(600.0, args.case_timeout))
     results = {"machine": report.machine(work)}
     started = time.time()
     try:
-        launches = {n: run_cases(cases_for(args), n, settings, work / f"ranks-{n}") for n in args.ranks}
+        launches = {n: run_cases(cases_for(args, n), n, settings, work / f"ranks-{n}") for n in args.ranks}
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if is_new_tmp_dir and not any(args.tmp_dir.iterdir()):
@@ -138,16 +163,19 @@ def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, 
               seconds: float) -> dict[str, Any]:
     import torch
 
-    saves, trains = [], []
+    saves, trains, reshards = [], [], []
     for n, launch in launches.items():
         for case, outcome in launch["cases"].items():
             kind, _, name = case.partition(":")
             if kind == "save":
                 saves.append(report.save_row(name, n, outcome))
+            elif kind == "reshard":
+                reshards += report.reshard_rows(n, outcome)
             else:
-                trains += report.train_rows(settings.train_methods, n, outcome, args.every, args.train_steps)
+                trains += report.train_rows(settings.train_methods, n, outcome)
     state_mb = {n: launch["state"]["nbytes"] / report.MB for n, launch in launches.items() if launch["state"]}
     report.add_ratios(saves, trains, state_mb)
+    report.add_reshard_ratios(reshards, saves)
     return {
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "note": args.note,
@@ -156,12 +184,13 @@ def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, 
         "versions": _versions(torch.__version__),
         "config": {"state_gb": args.state_gb, "state_bytes_requested": settings.state_bytes,
                    "state": {str(n): launch["state"] for n, launch in launches.items()},
-                   "reps": args.reps, "ranks": args.ranks, "train_steps": args.train_steps,
-                   "every": args.every, "page_cache": _cache_text(settings.cache_mode),
+                   "reps": args.reps, "ranks": args.ranks, "intervals": args.intervals,
+                   "every": "auto" if args.every == AUTO_EVERY else args.every, "write_share": args.write_share, "page_cache": _cache_text(settings.cache_mode),
                    "threads_per_rank": {str(n): threads_per_rank(settings, n) for n in args.ranks}},
-        "ratios": report.dtrain_ratios(saves, trains, args.ranks),
+        "ratios": report.dtrain_ratios(saves, trains, reshards, args.ranks),
         "ratio_definitions": report.RATIO_DEFINITIONS,
         "methods": saves,
+        "restore_at_another_world_size": reshards,
         "throughput": trains,
     }
 
@@ -191,6 +220,8 @@ def render(results: dict[str, Any]) -> str:
              f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
              f"{m['filesystem']['type']} on {m['filesystem']['device']}; torch {results['versions']['torch']}",
              "", report.save_table(results["methods"])]
+    if results["restore_at_another_world_size"]:
+        lines += ["", report.reshard_table(results["restore_at_another_world_size"])]
     if results["throughput"]:
         lines += ["", report.train_table(results["throughput"])]
     lines += ["", "dtrain ratios: " + json.dumps(results["ratios"])]

@@ -89,8 +89,9 @@ def train_steps(state: BenchState, steps: int, on_step: Callable[[int], None] | 
                 on_end: Callable[[], None] | None = None) -> float:
     """Run `steps` training steps and return steps per second.
 
-    `on_step(step)` runs after each step (1-based) inside the timed window, and so does `on_end()`
-    after the last one: a snapshot hook waits there for its last snapshot to commit.
+    `on_step(step)` runs before the first step (step 0) and after each step, inside the timed
+    window, and so does `on_end()` after the last one: a snapshot hook waits there for its last
+    snapshot to commit.
 
     Example:
         rate = train_steps(state, 20, on_step=lambda step: None)
@@ -98,6 +99,8 @@ def train_steps(state: BenchState, steps: int, on_step: Callable[[int], None] | 
     if dist.is_initialized():
         dist.barrier()
     start = time.perf_counter()
+    if on_step is not None:
+        on_step(0)
     for step in range(1, steps + 1):
         train_step(state)
         if on_step is not None:

@@ -55,16 +55,18 @@ def _run(rank: int, spec: dict[str, Any], log: _EventLog) -> None:
                "build_s": time.perf_counter() - start})
     logger.info("state built: %.3f GiB per rank, width %d, %.1f s", state.nbytes / (1 << 30), state.width,
                 time.perf_counter() - start)
+    done: dict[str, dict[str, Any]] = {}
     for case in spec["cases"]:
         log.write({"event": "start", "case": case})
-        result = _run_case(case, state, pristine, spec)
+        result = done[case] = _run_case(case, state, pristine, spec, done)
         log.write({"event": "result", "case": case, **result})
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _run_case(case: str, state: Any, pristine: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    from bench.measure import measure_method, measure_throughput
+def _run_case(case: str, state: Any, pristine: Any, spec: dict[str, Any],
+              done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from bench.measure import choose_interval, measure_method, measure_reshard, measure_throughput
     from bench.methods import METHODS
 
     kind, _, name = case.partition(":")
@@ -77,12 +79,17 @@ def _run_case(case: str, state: Any, pristine: Any, spec: dict[str, Any]) -> dic
                 logger.info("%s: %d repetitions", name, spec["reps"])
                 result = measure_method(METHODS[name], state, case_dir, spec["reps"],
                                         spec["cache_mode"], pristine)
+            elif kind == "reshard":
+                logger.info("dtrain restore at another world size: %d repetitions each way", spec["reps"])
+                result = measure_reshard(state, case_dir, spec["reps"], spec["cache_mode"], pristine)
             else:
-                logger.info("throughput of %s: %d x %d steps each, interleaved",
-                            ", ".join(spec["train_methods"]), spec["reps"], spec["train_steps"])
+                interval = choose_interval(state, spec["every"], spec["write_share"], done.get("save:dtrain"))
+                steps = interval["every"] * spec["intervals"]
+                logger.info("throughput of %s: %d x %d steps each (a snapshot every %d), interleaved",
+                            ", ".join(spec["train_methods"]), spec["reps"], steps, interval["every"])
                 methods = [METHODS.get(m) for m in spec["train_methods"]]
-                result = measure_throughput(methods, state, case_dir, spec["reps"],
-                                            spec["train_steps"], spec["every"])
+                result = measure_throughput(methods, state, case_dir, spec["reps"], steps, interval["every"])
+                result.update(interval, steps=steps)
             result["status"] = "ok"
         except NotImplementedError as e:
             result = {"status": "skipped", "note": str(e)}
