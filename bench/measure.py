@@ -26,7 +26,7 @@ from bench.state import BenchState, mutate, state_tensors, train_steps
 
 MB = 1 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_RSS_INTERVAL_S = 0.002
+_RSS_INTERVAL_S = 0.005
 _KEPT_ELEMENTS = 1024  # `mutate` changes this many elements at the head and at the tail
 _SAMPLE_STRIDE = 4099  # prime, so that samples do not line up with rows
 
@@ -49,8 +49,39 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def memory_bytes() -> int:
+    """This process's resident memory plus what its child processes hold privately.
+
+    A snapshot written by a forked child shares the parent's pages until the parent changes one;
+    the kernel then gives the parent a new page and the child keeps the old one. The parent's RSS
+    does not grow, so counting only it would hide that copy: the children's private pages are it.
+    """
+    return rss_bytes() + sum(_private_bytes(pid) for pid in _children())
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:  # the thread ended
+            continue
+    return pids
+
+
+def _private_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:  # the child exited
+        return 0
+    kib = [int(line.split()[1]) for line in lines if line.startswith((b"Private_Clean:", b"Private_Dirty:"))]
+    return sum(kib) * 1024
+
+
 class RssSampler:
-    """The peak RSS while the `with` block runs, sampled every 2 ms by a thread.
+    """The peak memory (`memory_bytes`) while the `with` block runs, sampled every 2 ms by a thread.
 
     Example:
         with RssSampler() as rss:
@@ -64,18 +95,18 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes()
+        self.peak = memory_bytes()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, memory_bytes())
 
     def _run(self) -> None:
         while not self._stop.wait(_RSS_INTERVAL_S):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, memory_bytes())
 
 
 def barrier() -> None:
@@ -174,7 +205,7 @@ def measure_method(method: Method, state: BenchState, case_dir: Path, reps: int,
     """`reps` repetitions of save, wait, fsync, evict, restore, verify on this rank."""
     gc.collect()
     trim_heap()
-    baseline = rss_bytes()
+    baseline = memory_bytes()
     out: list[dict[str, Any]] = []
     for i in range(reps):
         trim_heap()
@@ -266,32 +297,40 @@ def measure_throughput(methods: list[Method | None], state: BenchState, case_dir
     """Steps per second of `steps` training steps with each method every `every` steps (None: no
     snapshots). Repetitions are interleaved across methods, so a change in the machine's load
     during the run shifts all of them alike."""
-    out: dict[str, dict[str, Any]] = {_name(m): {"status": "ok", "steps_per_s": []} for m in methods}
+    out: dict[str, dict[str, Any]] = {_name(m): {"status": "ok", "steps_per_s": [], "peak_mem_mb": []}
+                                      for m in methods}
     for i in range(reps):
         for method in methods:
             row = out[_name(method)]
             if row["status"] != "ok":
                 continue
             try:
-                rate, saves = _timed_training(method, state, case_dir / f"train-{_name(method)}-rep{i}",
+                rate, saves, peak = _timed_training(method, state, case_dir / f"train-{_name(method)}-rep{i}",
                                               steps, every)
             except NotImplementedError as e:
                 out[_name(method)] = {"status": "skipped", "note": str(e)}
                 continue
             row["steps_per_s"].append(rate)
+            row["peak_mem_mb"].append(peak / MB)
             row["snapshots_per_rep"] = saves
     return {"variants": out}
 
 
 def _timed_training(method: Method | None, state: BenchState, run_dir: Path, steps: int,
-                    every: int) -> tuple[float, int]:
+                    every: int) -> tuple[float, int, int]:
+    """(steps per second, snapshots taken, peak memory in bytes) of one timed window."""
     run_dir = _fresh_run_dir(run_dir, state)
     try:
         train_steps(state, 1)  # warm-up, untimed
-        if method is None:
-            return train_steps(state, steps), 0
-        hook = EveryNSteps(method, state, run_dir, every, steps)
-        return train_steps(state, steps, hook.on_step, hook.finish), hook.saves
+        gc.collect()
+        trim_heap()
+        with RssSampler() as memory:
+            if method is None:
+                rate, saves = train_steps(state, steps), 0
+            else:
+                hook = EveryNSteps(method, state, run_dir, every, steps)
+                rate, saves = train_steps(state, steps, hook.on_step, hook.finish), hook.saves
+        return rate, saves, memory.peak
     finally:
         _remove_run_dir(run_dir, state)
 

@@ -23,7 +23,8 @@ RATIO_DEFINITIONS = {
     "commit_ratio_vs_raw_write": "total_s / total_s of raw_io (sequential write + fsync of the same bytes)",
     "throughput_ratio_with_snapshots": "steps/s with a snapshot every N steps / steps/s with none",
     "restore_ratio_vs_raw_read": "restore_s / restore_s of raw_io (sequential read of the same bytes)",
-    "extra_rss_ratio": "extra_rss_mb / the state's own size on one rank (1.0 = one full extra copy)",
+    "extra_rss_ratio": "peak extra memory (the process's RSS plus its children's private pages) / the state's "
+                       "size on one rank (1.0 = one full extra copy); the worse of the save case and training",
     "restore_resharded_ratio_vs_raw_read": "restore_s of a snapshot saved at another world size / restore_s "
                                            "of raw_io at the restoring world size (the worse of both ways)",
 }
@@ -83,7 +84,9 @@ def _train_row(name: str, ranks: int, outcome: dict[str, Any]) -> dict[str, Any]
     if skipped:
         return {**row, "status": skipped[0]["status"], "note": skipped[0].get("note", "")}
     reps = [min(r["steps_per_s"][i] for r in per_rank) for i in range(len(per_rank[0]["steps_per_s"]))]
+    peaks = [max(r["peak_mem_mb"][i] for r in per_rank) for i in range(len(per_rank[0]["peak_mem_mb"]))]
     return {**row, "status": "ok", "steps_per_s": _median(reps), "reps": reps,
+            "peak_mem_mb": _median(peaks), "peak_mem_mb_reps": peaks,
             "snapshots_per_rep": per_rank[0]["snapshots_per_rep"],
             "warnings": sorted({w for r in outcome["per_rank"] for w in r.get("warnings", []) if w})}
 
@@ -103,10 +106,12 @@ def add_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], state_
     for row in trains:
         none = [r for r in trains if r["ranks"] == row["ranks"] and r["method"] == "none"]
         row["ratio_vs_none"] = _ratio(row, none[0] if none else None, "steps_per_s", row.get("status") == "ok")
+        both = none and none[0].get("peak_mem_mb") is not None and row.get("peak_mem_mb") is not None
+        row["extra_mem_mb"] = row["peak_mem_mb"] - none[0]["peak_mem_mb"] if both else None
 
 
 def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], reshards: list[dict[str, Any]],
-                  ranks: list[int]) -> dict[str, Any]:
+                  ranks: list[int], state_mb: dict[int, float]) -> dict[str, Any]:
     """The headline ratios of dtrain per world size (the launch's); null where a case is missing."""
     out: dict[str, Any] = {}
     for n in ranks:
@@ -115,6 +120,9 @@ def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], res
         ratios = dict.fromkeys(RATIO_DEFINITIONS)
         ratios.update(save.get("ratios", {}))
         ratios["throughput_ratio_with_snapshots"] = train.get("ratio_vs_none")
+        in_training = _div(train.get("extra_mem_mb"), state_mb.get(n))
+        if in_training is not None and ratios["extra_rss_ratio"] is not None:  # the worse of save case and training
+            ratios["extra_rss_ratio"] = max(ratios["extra_rss_ratio"], in_training)
         both_ways = [r.get("ratio_vs_raw_read") for r in reshards if r["launch_ranks"] == n]
         if both_ways and None not in both_ways:
             ratios["restore_resharded_ratio_vs_raw_read"] = max(both_ways)
@@ -169,7 +177,7 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def save_table(rows: list[dict[str, Any]]) -> str:
-    header = ("method", "ranks", "stall s", "total s", "extra RSS MB", "restore s", "note")
+    header = ("method", "ranks", "stall s", "total s", "extra mem MB", "restore s", "note")
     body = [(r["label"], str(r["ranks"]), _fmt(r.get("stall_s")), _fmt(r.get("total_s")),
              _fmt(r.get("extra_rss_mb"), 0), _fmt(r.get("restore_s")), _row_note(r)) for r in rows]
     return _table(header, body)
@@ -185,9 +193,10 @@ def reshard_table(rows: list[dict[str, Any]]) -> str:
 
 
 def train_table(rows: list[dict[str, Any]]) -> str:
-    header = ("training", "ranks", "steps/s", "vs none", "snapshots", "note")
+    header = ("training", "ranks", "steps/s", "vs none", "snapshots", "extra mem MB", "note")
     body = [(r["label"], str(r["ranks"]), _fmt(r.get("steps_per_s")), _fmt(r.get("ratio_vs_none")),
-             str(r.get("snapshots_per_rep", "")), r.get("note", "") if r.get("status") != "ok" else "")
+             str(r.get("snapshots_per_rep", "")), _fmt(r.get("extra_mem_mb"), 0),
+             r.get("note", "") if r.get("status") != "ok" else "")
             for r in rows]
     return _table(header, body)
 

@@ -13,7 +13,8 @@ is deleted afterwards. Per method and world size it reports the median over repe
 
     stall    seconds until save returns and training may change the parameters
     total    seconds until the snapshot is complete on every rank and fsynced
-    extra RSS  peak resident memory above the state's own, per process
+    extra mem  peak memory above the state's own: the process's RSS plus its children's private
+             pages (a forked writer's copy-on-write originals); also measured while training
     restore  seconds to load it back into the live state, page cache dropped first
 
 then dtrain's restore at another world size (saved on 2 ranks, restored on 1, and the reverse),
@@ -39,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import report  # noqa: E402
+from bench import recovery, report  # noqa: E402
 from bench.launch import Settings, run_cases, threads_per_rank  # noqa: E402
 from bench.measure import can_drop_caches  # noqa: E402
 from bench.methods import METHODS  # noqa: E402
@@ -49,6 +50,7 @@ logger = logging.getLogger("bench")
 GIB = 1 << 30
 NO_SNAPSHOTS = "none"  # the throughput row without snapshots
 AUTO_EVERY = 0  # --every auto, decided in the launch from dtrain's measured write time
+RECOVERY_EVERY = 10  # steps between snapshots in the recovery run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="snapshot intervals per timed throughput window; 0 skips throughput (default 1)")
     p.add_argument("--throughput", default="torch_save,dtrain",
                    help="methods timed in training beside no snapshots (default torch_save,dtrain)")
+    p.add_argument("--recovery-kills", type=int, default=3,
+                   help="SIGKILLs of a worker under torchrun, timed to the next step; 0 skips (default 3)")
+    p.add_argument("--recovery-gb", type=float, default=0.25,
+                   help="parameters + Adam state of the recovery run's model, GiB (default 0.25)")
     p.add_argument("--tmp-dir", type=Path, default=REPO / "tmp",
                    help="where run dirs go; keep it on the filesystem under test (default <repo>/tmp)")
     p.add_argument("--threads", type=int, default=0,
@@ -141,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.stat(work).st_dev != os.stat(REPO).st_dev:
         logger.warning("%s is not on the repository's filesystem", work)
     settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, intervals=args.intervals,
-                        every=args.every, write_share=args.write_share, train_methods=train_methods(args), threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
+                        every=args.every, write_share=args.write_share, train_methods=train_methods(args),
+                        threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
                         case_timeout_s=args.case_timeout, collective_timeout_s=max(600.0, args.case_timeout))
     results = {"machine": report.machine(work)}
     started = time.time()
     try:
         launches = {n: run_cases(cases_for(args, n), n, settings, work / f"ranks-{n}") for n in args.ranks}
+        if args.recovery_kills:
+            results["recovery"] = recovery.measure(args.recovery_gb, args.recovery_kills, RECOVERY_EVERY,
+                                                   work / "recovery", say=logger.info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if is_new_tmp_dir and not any(args.tmp_dir.iterdir()):
@@ -187,7 +197,7 @@ def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, 
                    "reps": args.reps, "ranks": args.ranks, "intervals": args.intervals,
                    "every": "auto" if args.every == AUTO_EVERY else args.every, "write_share": args.write_share, "page_cache": _cache_text(settings.cache_mode),
                    "threads_per_rank": {str(n): threads_per_rank(settings, n) for n in args.ranks}},
-        "ratios": report.dtrain_ratios(saves, trains, reshards, args.ranks),
+        "ratios": report.dtrain_ratios(saves, trains, reshards, args.ranks, state_mb),
         "ratio_definitions": report.RATIO_DEFINITIONS,
         "methods": saves,
         "restore_at_another_world_size": reshards,
@@ -224,6 +234,12 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", report.reshard_table(results["restore_at_another_world_size"])]
     if results["throughput"]:
         lines += ["", report.train_table(results["throughput"])]
+    if "recovery" in results:
+        r = results["recovery"]
+        lines += ["", f"recovery under torchrun ({r['state_gb']:g} GiB state, snapshot every {r['every']} steps, "
+                      f"{len(r['kills'])} SIGKILLs of a worker): training back {r['recovery_s_median']:.1f} s after "
+                      f"the kill (resumed at {r['resumed_s_median']:.1f} s), {r['replayed_median']:g} steps replayed "
+                      "(medians)"]
     lines += ["", "dtrain ratios: " + json.dumps(results["ratios"])]
     return "\n".join(lines)
 

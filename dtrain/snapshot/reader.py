@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,21 +92,38 @@ def read_checked(storage: Storage, path: str, entry: FileEntry) -> torch.Tensor:
 
 def read_into(storage: Storage, path: str, entry: FileEntry, segments: list[torch.Tensor]) -> None:
     """Read a file straight into `segments` (uint8 tensors that tile it, in order), checking its
-    size and CRC-32C against the manifest; the checksum runs on each segment as it arrives."""
+    size and CRC-32C against the manifest; each segment is checksummed while the next is read."""
+    crc = _Checksum()
     try:
         size = storage.size(path)
         if size != entry.bytes:
             raise CorruptSnapshotError(f"{path}: {size} bytes on disk, the manifest records {entry.bytes}")
-        crc, offset = 0, 0
-        for segment in segments:
-            view = memoryview(segment.numpy())
-            storage.read_into(path, offset, view)
-            crc = checksum.extend(crc, view)
-            offset += len(view)
+        storage.read_into(path, [memoryview(s.numpy()) for s in segments], crc.add)
     except (OSError, EOFError) as e:
         raise CorruptSnapshotError(f"{path}: cannot be read ({e})") from None
-    if crc != entry.crc32c:
-        raise CorruptSnapshotError(f"{path}: checksum mismatch (crc32c {crc:08x}, the manifest records {entry.crc32c:08x})")
+    finally:
+        value = crc.value()
+    if value != entry.crc32c:
+        raise CorruptSnapshotError(f"{path}: checksum mismatch (crc32c {value:08x}, the manifest records {entry.crc32c:08x})")
+
+
+class _Checksum:
+    """The CRC-32C of the bytes added so far, computed on a thread of its own, in order, so that
+    checking a segment overlaps reading the next (both release the GIL)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtrain-crc")
+        self._crc = 0
+
+    def add(self, data: memoryview) -> None:
+        self._pool.submit(self._extend, data)
+
+    def _extend(self, data: memoryview) -> None:
+        self._crc = checksum.extend(self._crc, data)
+
+    def value(self) -> int:
+        self._pool.shutdown(wait=True)
+        return self._crc
 
 
 def restore(storage: Storage, step: int, ctx: DistContext | None = None,

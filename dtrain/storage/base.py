@@ -7,6 +7,7 @@ atomic (all or nothing) for files and directories alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -29,8 +30,9 @@ class Storage(Protocol):
         """Replace `path` with `data` so that a reader sees the old or the new content, never a mix."""
         ...
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        """Fill `out` from `path` at `offset`; raise if the file is shorter."""
+    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
+        """Fill each of `outs` in turn with the next bytes of `path`, from its start, in one
+        sequential pass; `on_read(out)` after each is filled. Raise if the file is shorter."""
         ...
 
     def read_bytes(self, path: str, limit: int) -> bytes:

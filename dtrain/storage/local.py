@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import shutil
 from pathlib import Path
 
@@ -61,16 +62,21 @@ class LocalStorage:
         os.replace(tmp, final)
         self.sync_dir(str(Path(path).parent))
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        out = out.cast("B")
+    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
         with open(self.path(path), "rb", buffering=0) as f:
-            f.seek(offset)
-            filled = 0
-            while filled < len(out):
-                n = f.readinto(out[filled:])
-                if not n:
-                    raise EOFError(f"{self.path(path)} ends at byte {offset + filled}, expected {offset + len(out)}")
-                filled += n
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+            offset = 0
+            for out in outs:
+                out = out.cast("B")
+                filled = 0
+                while filled < len(out):
+                    n = f.readinto(out[filled:])
+                    if not n:
+                        raise EOFError(f"{self.path(path)} ends at byte {offset + filled}, expected more")
+                    filled += n
+                offset += filled
+                if on_read is not None:
+                    on_read(out)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         p = self.path(path)
