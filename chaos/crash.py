@@ -16,7 +16,8 @@ at the same phases rather than the same microsecond.
 After each kill torchrun must exit by itself, and then the run dir must show no torn snapshot
 (every `step_*` dir holds its manifest and exactly the files it lists), `dtrain ckpt verify` must
 pass, `ckpt list` must list those snapshots, and `latest` must name one. The next launch must
-resume from the newest committed snapshot R and replay few steps:
+remove any temp file the kill left in `snapshots/` (a `latest` update cut short) before it trains,
+and resume from the newest committed snapshot R and replay few steps:
 
     replayed = L - R <= 2k     L: the last step the killed launch finished (metrics.jsonl, one row a step)
                                k: snapshot.every_steps
@@ -76,7 +77,7 @@ class Trial:
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     litter: list[str] = field(default_factory=list)
-    """Temp files the kill left in `snapshots/` itself, where no start cleans them."""
+    """Temp files the kill left in `snapshots/` itself; the next start must remove them."""
     seconds: float = 0.0
 
     @property
@@ -96,7 +97,7 @@ class CrashReport:
         return [f"trial {t.index} ({t.target} -> {t.phase}): {v}" for t in self.trials for v in t.violations]
 
     def litter(self) -> list[str]:
-        """Every temp file a kill left in `snapshots/` (they accumulate: nothing removes them)."""
+        """Every temp file a kill left in `snapshots/` (a restart that kept one is a violation)."""
         return sorted({name for t in self.trials for name in t.litter})
 
     def by_phase(self) -> dict[str, list[Trial]]:
@@ -226,6 +227,9 @@ class CrashHarness:
                                        f"resumed {resumed}) > 2 * every_steps = {2 * EVERY}")
         if "falling back" in launch.watch.text():
             previous.violations.append("a committed snapshot failed verification on resume")
+        kept = sorted(set(previous.litter) & set(litter(self.run_dir)))  # this launch's own have other pids
+        if kept:
+            previous.violations.append(f"the restart left the kill's temp file(s) in snapshots/: {', '.join(kept)}")
         self.say(_line(previous))
         return resumed
 
@@ -287,7 +291,7 @@ def check_run_dir(run_dir: Path) -> list[str]:
 
 def litter(run_dir: Path) -> list[str]:
     """Hidden files in `snapshots/` other than `.pending/`: a kill inside `latest`'s atomic replace
-    leaves its temp file there, and only `.pending/` is cleaned at start."""
+    leaves its temp file there, for the next start to remove."""
     snaps = run_dir / layout.SNAPSHOTS
     return sorted(p.name for p in snaps.iterdir() if p.name.startswith(".") and p.name != ".pending") \
         if snaps.is_dir() else []

@@ -85,7 +85,7 @@ def crash_table(report: crash.CrashReport) -> str:
         rows.append(_crash_row(phase, trials, report.trials))
     rows.append(_crash_row("all", report.trials, report.trials))
     if report.litter():
-        rows.append(f"left in snapshots/ by kills and never removed: {', '.join(report.litter())}")
+        rows.append(f"left in snapshots/ by kills (removed by the next start): {', '.join(report.litter())}")
     rows += [f"VIOLATION {v}" for v in report.violations]
     return "\n".join(rows)
 

@@ -2,15 +2,17 @@
 
 The loop never touches paths: snapshots go through the `SnapshotManager`, metrics through the
 `Reporter`. Per step it trains, then agrees with the other ranks (one small all-reduce) on
-whether a preemption signal arrived and whether a timed snapshot is due, then evaluates and
-snapshots when due. A preemption saves the current step, waits for its commit and raises
-`PreemptedError`, so the next start resumes at exactly that step.
+whether a preemption signal arrived and whether a snapshot is due, then evaluates and
+snapshots when due. A preemption saves the current step, waits for its commit, records a
+`{"event": "preempted", ...}` line in metrics.jsonl and raises `PreemptedError`, so the next
+start resumes at exactly that step.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,20 +146,32 @@ class Trainer:
 
     def after_step(self, loss: tuple[torch.Tensor, int]) -> None:
         step, cfg = self.progress.step, self.cfg
-        preempted, time_due = self.ctx.any(self.preemption.is_requested, self.snapshots.is_time_due())
+        # Every trigger that rests on this rank's clock or signals is agreed in one all-reduce (so is
+        # the count under `every_steps = "auto"`, which each rank derives from its own timings).
+        preempted, time_due, step_due = self.ctx.any(self.preemption.is_requested, self.snapshots.is_time_due(),
+                                                     self.snapshots.is_step_due(step))
         epoch_end = cfg.snapshot.at_epoch_end and self.progress.cursor.offset == 0
-        snapshot_due = self.snapshots.is_step_due(step) or time_due or epoch_end
+        snapshot_due = step_due or time_due or epoch_end
         if (cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0) or snapshot_due:
             self.evaluate()
         if step % cfg.train.log_every_steps == 0:
             self.log_step(*loss)
         if preempted:
-            self.save("preemption")
-            self.snapshots.wait()
-            raise PreemptedError(f"preempted at step {step}; its snapshot is committed, restart to resume")
+            self.preempt(step)
         if snapshot_due:
             self.save("time" if time_due else "epoch end" if epoch_end else "interval")
         self.reporter.step(step, {} if self.last_loss is None else {"loss": self.last_loss})
+
+    def preempt(self, step: int) -> None:
+        """Save this step, wait for its commit, record the event in metrics.jsonl, and stop."""
+        received = self.ctx.exchange(f"preempted/{step}", signal_name(self.preemption.signum))
+        self.save("preemption")
+        result = self.snapshots.wait()
+        ranks = [r for r, name in enumerate(received) if name]
+        self.reporter.record({"event": "preempted", "step": step, "signal": received[ranks[0]] if ranks else None,
+                              "signaled_ranks": ranks, "snapshot": result.path if result else None,
+                              "world_size": self.ctx.world_size})
+        raise PreemptedError(f"preempted at step {step}; its snapshot is committed, restart to resume")
 
     def finish(self) -> None:
         if self.snapshots.last_saved_step != self.progress.step:
@@ -206,6 +220,11 @@ class Trainer:
         meta = {"progress": self.progress.state_dict(), "metrics": self.metrics,
                 "config": self.cfg.to_dict(), "versions": versions()}
         self.snapshots.save(self.progress.step, state, {"rng": RNGState().state_dict()}, meta, reason)
+
+
+def signal_name(signum: int | None) -> str:
+    """`SIGTERM` for 15; empty for no signal (this rank received none)."""
+    return "" if signum is None else signal.Signals(signum).name
 
 
 def versions() -> dict[str, str]:

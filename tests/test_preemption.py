@@ -43,6 +43,11 @@ def _last_step(run_dir: Path) -> int:
     return max(r["step"] for r in rows if "train_loss" in r)
 
 
+def _preempted_events(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
+    return [r for r in rows if r.get("event") == "preempted"]
+
+
 def _training(run_dir: Path) -> bool:
     return (run_dir / layout.METRICS).exists() and (run_dir / layout.METRICS).stat().st_size > 0
 
@@ -62,6 +67,9 @@ def test_sigterm_to_the_agent_commits_the_current_step_and_resume_loses_none(tmp
     assert reader.committed_steps(storage)[-1] == step
     assert reader.verify(storage, step) == []
     assert _last_step(run_dir) == step  # the emergency snapshot is of the last step trained: none lost
+    [event] = _preempted_events(run_dir)  # what an operator reads in metrics.jsonl
+    assert (event["step"], event["signal"], event["snapshot"]) == (step, "SIGTERM", layout.committed_path(step))
+    assert event["signaled_ranks"] and set(event["signaled_ranks"]) <= {0, 1}  # torchrun passes it on to both
 
     resume_log = tmp_path / "resume.log"
     again = _start(run_dir, resume_log, max_restarts=0, extra=["--set", f"train.steps={step + 5}"])
@@ -82,7 +90,10 @@ def test_sigusr1_to_one_worker_stops_all_ranks_at_one_step_and_torchrun_resumes(
     text = log.read_text()
     stopped = {int(s) for s in PREEMPTED.findall(text)}
     assert len(stopped) == 1, f"ranks stopped at different steps: {stopped}"  # each rank logs its own warning
-    assert int(RESUMED.search(text).group(1)) == stopped.pop()
+    step = stopped.pop()
+    assert int(RESUMED.search(text).group(1)) == step
+    [event] = _preempted_events(run_dir)
+    assert (event["step"], event["signal"], len(event["signaled_ranks"])) == (step, "SIGUSR1", 1)
     assert f"exitcode: {EXIT_PREEMPTED}" in text  # torchrun saw the documented preemption exit code
 
 

@@ -41,16 +41,22 @@ class SnapshotManager:
         self._save_cost: float | None = None
         self._write_seconds = 0.0
         self._step_seconds: float | None = None
+        self._pending: PendingSnapshot | None = None
+        """The newest save started, kept to read its timings once it committed."""
 
     # -- start -------------------------------------------------------------------------------
 
     def prepare_run_dir(self) -> None:
-        """Create the layout and drop what crashed saves left in `.pending/` (rank 0), then barrier."""
+        """Create the layout and drop what crashed saves left (rank 0), then barrier: everything in
+        `.pending/`, and in `snapshots/` the temp file of a `latest` update that a kill interrupted.
+        No save of this run is in flight yet, so nothing removed here can be in use."""
         if self.ctx.is_main:
             self.storage.makedirs(layout.PENDING)
             for name in self.storage.listdir(layout.PENDING):
                 logger.info("removing uncommitted leftover %s/%s", layout.PENDING, name)
                 self.storage.remove_tree(f"{layout.PENDING}/{name}")
+            for name in self.storage.remove_temp_files(layout.SNAPSHOTS):
+                logger.info("removed the temp file of an interrupted update, %s/%s", layout.SNAPSHOTS, name)
         self.ctx.barrier()
 
     def restore_latest(self, into: dict[str, Any] | None = None) -> reader.Restored | None:
@@ -91,23 +97,36 @@ class SnapshotManager:
         return every > 0 and time.monotonic() - self._last_save_time >= every
 
     def is_step_due(self, step: int) -> bool:
+        """This rank's opinion that a save by count is due. Under `auto` it rests on timings this rank
+        measured, so ranks may differ: combine it with `DistContext.any`, as the trainer does."""
         every = self.cfg.every_steps
-        if every == AUTO:  # until a save was measured, save every _AUTO_FIRST_STEP steps
-            every = self.auto_interval() or _AUTO_FIRST_STEP
-            return step - (self.last_saved_step or 0) >= every
-        return every > 0 and step % every == 0
+        if every != AUTO:
+            return every > 0 and step % every == 0
+        self._measure_finished()
+        interval = self.auto_interval()
+        if interval is None and self._pending is not None and not self._pending.done():
+            return False  # the bootstrap save is still being measured: another would only queue behind it
+        # Counted from the last save, or the snapshot resumed from: never from step 0.
+        return step - (self.last_saved_step or 0) >= (interval or _AUTO_FIRST_STEP)
 
     def observe_step_time(self, seconds: float) -> None:
         self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
 
     def auto_interval(self) -> int | None:
-        """Young/Daly: the interval that minimizes expected lost work, sqrt(2 * cost * MTBF), in steps."""
+        """The `auto` interval in steps, from the last measured save; None before one was measured."""
         if self._save_cost is None or not self._step_seconds:
             return None
-        # With asynchronous saves the cost to training is the stall; but saving more often than a
-        # write takes would only queue saves behind each other.
-        seconds = max(math.sqrt(2 * self._save_cost * self.cfg.mtbf_seconds), self._write_seconds)
-        return max(1, round(seconds / self._step_seconds))
+        return young_daly_steps(self._save_cost, self._write_seconds, self.cfg.mtbf_seconds, self._step_seconds)
+
+    def _measure_finished(self) -> None:
+        """Take the timings of a save that committed in the background, without waiting for it."""
+        result = self._pending.peek() if self._pending is not None else None
+        if result is not None:
+            self._measure(result)
+
+    def _measure(self, result: SaveResult) -> None:
+        self._save_cost = result.stall_seconds
+        self._write_seconds = result.commit_seconds
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -119,6 +138,7 @@ class SnapshotManager:
         self._settle_previous()
         logger.info("snapshot of step %d (%s) staging", step, reason)
         pending = self.writer.save(step, replicated, private, meta)
+        self._pending = pending
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         return pending
@@ -141,8 +161,7 @@ class SnapshotManager:
             return None
         if result is not None:
             self.consecutive_failures = 0
-            self._save_cost = result.stall_seconds
-            self._write_seconds = result.commit_seconds
+            self._measure(result)
         return result
 
     # -- after commit (rank 0, background thread) ----------------------------------------------
@@ -172,6 +191,21 @@ class SnapshotManager:
     def policy(self) -> retention.RetentionPolicy:
         c = self.cfg
         return retention.RetentionPolicy(c.keep_last, c.keep_best, c.best_mode, c.keep_every)
+
+
+def young_daly_steps(stall_seconds: float, write_seconds: float, mtbf_seconds: float, step_seconds: float) -> int:
+    """Young/Daly's interval, sqrt(2 * C * MTBF), in steps of `step_seconds` (at least 1).
+
+    C is what one save costs training: with asynchronous saves, the stall (staging), since the write
+    runs beside training; an interval that minimizes the stall plus the expected lost work is the
+    right trade. But a save cannot start before the previous one finished writing (it would wait for
+    it, and that wait is a stall C left out), so the interval is never shorter than a write.
+
+        young_daly_steps(0.5, 2.0, 3600, 0.25) == 240    # sqrt(2 * 0.5 * 3600) = 60 s of 0.25 s steps
+        young_daly_steps(0.001, 9.0, 3600, 0.25) == 36   # the 9 s write bounds it, not the 2.7 s optimum
+    """
+    seconds = max(math.sqrt(2 * stall_seconds * mtbf_seconds), write_seconds)
+    return max(1, math.ceil(seconds / step_seconds))
 
 
 def delete_snapshot(storage: Storage, step: int, nonce: str) -> None:

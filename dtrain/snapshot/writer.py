@@ -96,6 +96,10 @@ class PendingSnapshot:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    def peek(self) -> SaveResult | None:
+        """The result if the save already committed; None while it runs, or if it failed (`wait()` raises)."""
+        return self._result if self.done() else None
+
     def wait(self) -> SaveResult:
         self._thread.join()
         if self._error is not None:

@@ -27,7 +27,13 @@ class Storage(Protocol):
     def open_write(self, path: str) -> WriteHandle: ...
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        """Replace `path` with `data` so that a reader sees the old or the new content, never a mix."""
+        """Replace `path` with `data` so that a reader sees the old or the new content, never a mix.
+        A crash may leave a temporary file beside `path`; `remove_temp_files` deletes it."""
+        ...
+
+    def remove_temp_files(self, path: str) -> list[str]:
+        """Delete the temporary files that interrupted `write_atomic` calls left in directory `path`
+        and return their names. Only while no `write_atomic` into `path` can be running."""
         ...
 
     def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:

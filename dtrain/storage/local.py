@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 _WRITE_BLOCK = 8 << 20  # large writes, but bounded, so a slow disk still reports progress per block
+_TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")  # what `write_atomic` writes before its rename
 
 
 class LocalWriteHandle:
@@ -50,7 +52,7 @@ class LocalStorage:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         final = self.path(path)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")  # matches _TEMP_NAME
         handle = LocalWriteHandle(tmp)
         try:
             handle.write(memoryview(data))
@@ -61,6 +63,15 @@ class LocalStorage:
             raise
         os.replace(tmp, final)
         self.sync_dir(str(Path(path).parent))
+
+    def remove_temp_files(self, path: str) -> list[str]:
+        removed = []
+        for name in self.listdir(path):
+            p = self.path(path) / name
+            if _TEMP_NAME.match(name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(name)
+        return removed
 
     def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
         with open(self.path(path), "rb", buffering=0) as f:

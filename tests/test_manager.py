@@ -1,0 +1,150 @@
+"""The snapshot manager in one process: what a start cleans up, and when `every_steps = "auto"` saves."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.config import SnapshotConfig
+from dtrain.dist import solo_context
+from dtrain.snapshot import layout, reader
+from dtrain.snapshot.manager import _AUTO_FIRST_STEP, SnapshotManager, young_daly_steps
+from dtrain.storage import LocalStorage
+
+STEP_SECONDS = 0.01
+
+
+def _state() -> dict:
+    model = torch.nn.Linear(32, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def _save(manager: SnapshotManager, step: int):
+    return manager.save(step, _state(), {"rng": {"torch": torch.get_rng_state()}}, {"progress": {"step": step}},
+                        "interval")
+
+
+def _digest(run_dir: Path) -> dict[str, str]:
+    """Every committed file (and `latest`) with a hash of its bytes."""
+    snaps = run_dir / layout.SNAPSHOTS
+    files = [p for p in snaps.rglob("*") if p.is_file() and layout.PENDING not in p.relative_to(run_dir).as_posix()]
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if not p.name.startswith(".")}
+
+
+# -- start-up cleanup --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank, cleans", [(0, True), (1, False)])
+def test_a_start_removes_what_killed_saves_left_and_keeps_every_committed_snapshot(
+        tmp_path: Path, rank: int, cleans: bool) -> None:
+    storage = LocalStorage(tmp_path)
+    first = SnapshotManager(storage, SnapshotConfig(every_steps=5, staging="copy"), solo_context())
+    first.prepare_run_dir()
+    for step in (5, 10):
+        _save(first, step)
+    first.wait()
+    committed = _digest(tmp_path)
+    # A SIGKILL inside write_atomic while replacing `latest`, and one while writing shards.
+    stray = tmp_path / layout.SNAPSHOTS / ".latest.tmp-424242"
+    stray.write_text("step_000000015\n")
+    abandoned = tmp_path / layout.PENDING / "step_000000015.0123456789abcdef"
+    abandoned.mkdir(parents=True)
+    (abandoned / "replicated-00000.bin").write_bytes(b"\0" * 100)
+    (abandoned / ".manifest.json.tmp-424242").write_text("{")
+
+    ctx = dataclasses.replace(solo_context(), rank=rank)  # rank 1 of a group: only rank 0 cleans
+    SnapshotManager(storage, SnapshotConfig(every_steps=5), ctx).prepare_run_dir()
+
+    assert stray.exists() is not cleans
+    assert abandoned.exists() is not cleans
+    assert _digest(tmp_path) == committed  # every committed file and `latest`, byte for byte
+    assert reader.committed_steps(storage) == [5, 10]
+    assert reader.verify(storage, 10) == []
+    assert (tmp_path / layout.LATEST).read_text() == "step_000000010\n"
+
+
+def test_only_write_atomic_temp_files_are_removed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    keep = ["latest", "step_000000003", ".latest.tmp-", ".latest.tmp-12x", "notes.tmp-12", ".hidden"]
+    for name in keep:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dir.tmp-7").mkdir()
+    (tmp_path / ".latest.tmp-31337").write_text("x")
+    assert storage.remove_temp_files(".") == [".latest.tmp-31337"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, ".dir.tmp-7"])
+
+
+# -- every_steps = "auto" ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stall, write, mtbf, step, steps", [
+    (0.5, 0.0, 3600, 1.0, 60),      # sqrt(2 * 0.5 * 3600) = 60 s
+    (0.5, 0.0, 3600, 0.25, 240),    # the same 60 s in shorter steps
+    (2.0, 1.0, 100, 2.0, 10),       # sqrt(2 * 2 * 100) = 20 s, longer than the write
+    (0.001, 9.0, 3600, 0.25, 36),   # optimum 2.7 s, but a write takes 9 s: never save faster than that
+    (0.001, 9.1, 3600, 0.25, 37),   # rounded up, so the interval still covers the write
+    (0.0, 0.0, 3600, 0.5, 1),       # a free save: every step, not never
+])
+def test_young_daly_interval_in_steps(stall: float, write: float, mtbf: float, step: float, steps: int) -> None:
+    assert young_daly_steps(stall, write, mtbf, step) == steps
+
+
+def test_auto_before_any_measurement_saves_after_the_bootstrap_interval(tmp_path: Path) -> None:
+    manager = SnapshotManager(LocalStorage(tmp_path), SnapshotConfig(every_steps="auto"), solo_context())
+    assert manager.auto_interval() is None
+    assert [s for s in range(1, 3 * _AUTO_FIRST_STEP) if manager.is_step_due(s)][0] == _AUTO_FIRST_STEP
+    manager.observe_step_time(STEP_SECONDS)  # a step time alone is no save cost: still the bootstrap
+    assert manager.auto_interval() is None and manager.is_step_due(_AUTO_FIRST_STEP)
+
+
+class GatedStorage(LocalStorage):
+    """A disk whose shard writes wait for `gate`: a save that stays in flight as long as a test wants."""
+
+    def __init__(self, root: Path, gate: threading.Event) -> None:
+        super().__init__(root)
+        self.gate = gate
+
+    def open_write(self, path: str):
+        self.gate.wait(30)
+        return super().open_write(path)
+
+
+@pytest.mark.parametrize("mtbf", [2.0, 3600.0])  # a write-bound interval, then a Young/Daly-bound one
+def test_auto_after_a_resume_counts_from_the_resumed_step_then_follows_the_measured_save(
+        tmp_path: Path, mtbf: float) -> None:
+    cfg = SnapshotConfig(every_steps="auto", mtbf_seconds=mtbf, staging="copy")
+    resumed = 37
+    before = SnapshotManager(LocalStorage(tmp_path), cfg, solo_context())
+    before.prepare_run_dir()
+    _save(before, resumed)
+    before.wait()
+
+    gate = threading.Event()
+    manager = SnapshotManager(GatedStorage(tmp_path, gate), cfg, solo_context())  # the restarted process
+    manager.prepare_run_dir()
+    assert manager.restore_latest() is not None and manager.last_saved_step == resumed
+    manager.observe_step_time(STEP_SECONDS)
+    bootstrap = resumed + _AUTO_FIRST_STEP
+    assert [s for s in range(resumed + 1, bootstrap + 1) if manager.is_step_due(s)] == [bootstrap]
+
+    pending = _save(manager, bootstrap)
+    assert not manager.is_step_due(bootstrap + 10_000)  # no second save while the first is measured
+    time.sleep(0.3)
+    gate.set()
+    result = pending.wait()  # committed; the manager reads its timings without waiting
+
+    assert not manager.is_step_due(bootstrap)  # (also takes the measurement)
+    seconds = max(math.sqrt(2 * result.stall_seconds * mtbf), result.commit_seconds)
+    interval = math.ceil(seconds / STEP_SECONDS)
+    assert manager.auto_interval() == interval
+    assert interval * STEP_SECONDS >= result.commit_seconds >= 0.3  # never sooner than the write took
+    due = [s for s in range(bootstrap + 1, bootstrap + interval + 1) if manager.is_step_due(s)]
+    assert due == [bootstrap + interval]  # counted from the last save, again and again
+    manager.wait()
