@@ -27,6 +27,10 @@ from bench.state import BenchState, mutate, state_tensors, train_steps
 MB = 1 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _RSS_INTERVAL_S = 0.005
+# While training is timed, sample rarely: reading a forked writer's smaps_rollup walks its page
+# tables, and every 5 ms that would take CPU from the training it measures. A copy-on-write peak
+# lasts as long as a write, seconds, so 0.1 s still finds it.
+_TRAINING_RSS_INTERVAL_S = 0.1
 _KEPT_ELEMENTS = 1024  # `mutate` changes this many elements at the head and at the tail
 _SAMPLE_STRIDE = 4099  # prime, so that samples do not line up with rows
 
@@ -81,7 +85,7 @@ def _private_bytes(pid: int) -> int:
 
 
 class RssSampler:
-    """The peak memory (`memory_bytes`) while the `with` block runs, sampled every 2 ms by a thread.
+    """The peak memory (`memory_bytes`) while the `with` block runs, sampled by a thread (every 5 ms).
 
     Example:
         with RssSampler() as rss:
@@ -89,7 +93,8 @@ class RssSampler:
         print(rss.peak)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = _RSS_INTERVAL_S) -> None:
+        self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -105,7 +110,7 @@ class RssSampler:
         self.peak = max(self.peak, memory_bytes())
 
     def _run(self) -> None:
-        while not self._stop.wait(_RSS_INTERVAL_S):
+        while not self._stop.wait(self.interval_s):
             self.peak = max(self.peak, memory_bytes())
 
 
@@ -324,7 +329,7 @@ def _timed_training(method: Method | None, state: BenchState, run_dir: Path, ste
         train_steps(state, 1)  # warm-up, untimed
         gc.collect()
         trim_heap()
-        with RssSampler() as memory:
+        with RssSampler(_TRAINING_RSS_INTERVAL_S) as memory:
             if method is None:
                 rate, saves = train_steps(state, steps), 0
             else:
