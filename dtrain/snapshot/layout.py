@@ -9,6 +9,7 @@
           replicated-00000.bin          model/optimizer bytes, spread over the writing ranks
           rank-00001.bin                per-rank state of rank 1 (its RNG)
         .pending/                       in-flight and abandoned saves; never read, cleaned on start
+        .latest.tmp-<pid>               a `latest` update a kill interrupted; removed on start
 """
 
 from __future__ import annotations
