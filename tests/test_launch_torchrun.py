@@ -57,7 +57,14 @@ def _env(**extra: str) -> dict[str, str]:
 def _launch(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen([str(LAUNCHER), *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """As a scheduler starts a job: a shell cannot trap a signal ignored when it started, and a
+    test run under `nohup` would otherwise hand the launcher an ignored SIGHUP."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> int:
