@@ -226,8 +226,6 @@ _BUCKET_BYTES = 1 << 20  # pieces under this travel packed together: one broadca
 
 
 def _send(ctx: DistContext, segments: list[torch.Tensor]) -> None:
-    if ctx.world_size == 1:
-        return
     small = _broadcast_large(ctx, segments, ctx.rank)
     if small:
         ctx.broadcast(torch.cat(small), src=ctx.rank)
