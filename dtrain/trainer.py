@@ -82,9 +82,9 @@ class Trainer:
         self.preemption.install()  # from here on a signal means: save this step, then stop
         while self.progress.step < self.cfg.train.steps:
             started = time.perf_counter()
-            loss = self.train_step()
-            self.snapshots.observe_step_time(time.perf_counter() - started)
-            self.after_step(loss)
+            self.after_step(self.train_step())
+            # The whole iteration, evaluation and save included: what `every_steps = "auto"` weighs.
+            self.snapshots.observe_iteration(time.perf_counter() - started)
         self.finish()
         self.preemption.uninstall()
         return TrainResult(self.progress.step, dict(self.metrics), resumed_from)

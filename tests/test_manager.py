@@ -15,7 +15,8 @@ import torch
 from dtrain.config import SnapshotConfig
 from dtrain.dist import solo_context
 from dtrain.snapshot import layout, reader
-from dtrain.snapshot.manager import _AUTO_FIRST_STEP, SnapshotManager, young_daly_steps
+from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
+from dtrain.snapshot.manager import _AUTO_FIRST_STEP, SnapshotManager
 from dtrain.storage import LocalStorage
 
 STEP_SECONDS = 0.01
@@ -84,7 +85,7 @@ def test_only_write_atomic_temp_files_are_removed(tmp_path: Path) -> None:
 
 # -- every_steps = "auto" ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stall, write, mtbf, step, steps", [
+@pytest.mark.parametrize("save, write, mtbf, step, steps", [
     (0.5, 0.0, 3600, 1.0, 60),      # sqrt(2 * 0.5 * 3600) = 60 s
     (0.5, 0.0, 3600, 0.25, 240),    # the same 60 s in shorter steps
     (2.0, 1.0, 100, 2.0, 10),       # sqrt(2 * 2 * 100) = 20 s, longer than the write
@@ -92,15 +93,50 @@ def test_only_write_atomic_temp_files_are_removed(tmp_path: Path) -> None:
     (0.001, 9.1, 3600, 0.25, 37),   # rounded up, so the interval still covers the write
     (0.0, 0.0, 3600, 0.5, 1),       # a free save: every step, not never
 ])
-def test_young_daly_interval_in_steps(stall: float, write: float, mtbf: float, step: float, steps: int) -> None:
-    assert young_daly_steps(stall, write, mtbf, step) == steps
+def test_young_daly_interval_in_steps(save: float, write: float, mtbf: float, step: float, steps: int) -> None:
+    assert young_daly_steps(save, write, mtbf, step) == steps
+
+
+def test_a_save_costs_what_its_iterations_took_beyond_clean_ones() -> None:
+    meter = SaveCostMeter()
+    for seconds in [0.5] + [0.010] * 10 + [0.012] * 9:  # a slow first step (warm-up) moves no median
+        meter.observe(seconds, in_flight=False)
+    assert meter.step_seconds == pytest.approx(0.011) and meter.save_seconds is None
+    meter.save_started()
+    meter.observe(0.061, in_flight=True)   # evaluation and stall: 0.05 extra
+    meter.observe(0.031, in_flight=True)   # copy-on-write faults, the writer's CPU: 0.02 extra
+    assert meter.save_seconds is None      # not known while the save runs
+    meter.observe(0.016, in_flight=False)  # committed during this one: 0.005 extra
+    assert meter.save_seconds == pytest.approx(0.075)
+    meter.observe(0.011, in_flight=False)  # clean again: the baseline, not the cost
+    assert meter.save_seconds == pytest.approx(0.075)
+
+
+def test_the_save_cost_is_a_median_of_recent_saves_and_never_negative() -> None:
+    meter = SaveCostMeter()
+    for _ in range(5):
+        meter.observe(0.010, in_flight=False)
+    for extra in (0.04, -0.005, 0.02, 0.9, 0.03):  # one faster than clean (noise), one hit by a stray stall
+        meter.save_started()
+        meter.observe(0.010 + extra, in_flight=False)
+    assert meter.save_seconds == pytest.approx(0.03)  # median of 0.04, 0, 0.02, 0.9, 0.03
+
+
+def test_a_save_started_before_the_last_committed_closes_its_measurement() -> None:
+    meter = SaveCostMeter()
+    meter.observe(0.010, in_flight=False)
+    meter.save_started()
+    meter.observe(0.030, in_flight=True)
+    meter.save_started()  # the next save, while the first still writes: it gets the iterations from here
+    meter.observe(0.050, in_flight=False)
+    assert meter.save_seconds == pytest.approx((0.02 + 0.04) / 2)
 
 
 def test_auto_before_any_measurement_saves_after_the_bootstrap_interval(tmp_path: Path) -> None:
     manager = SnapshotManager(LocalStorage(tmp_path), SnapshotConfig(every_steps="auto"), solo_context())
     assert manager.auto_interval() is None
     assert [s for s in range(1, 3 * _AUTO_FIRST_STEP) if manager.is_step_due(s)][0] == _AUTO_FIRST_STEP
-    manager.observe_step_time(STEP_SECONDS)  # a step time alone is no save cost: still the bootstrap
+    manager.observe_iteration(STEP_SECONDS)  # a step time alone is no save cost: still the bootstrap
     assert manager.auto_interval() is None and manager.is_step_due(_AUTO_FIRST_STEP)
 
 
@@ -130,18 +166,25 @@ def test_auto_after_a_resume_counts_from_the_resumed_step_then_follows_the_measu
     manager = SnapshotManager(GatedStorage(tmp_path, gate), cfg, solo_context())  # the restarted process
     manager.prepare_run_dir()
     assert manager.restore_latest() is not None and manager.last_saved_step == resumed
-    manager.observe_step_time(STEP_SECONDS)
     bootstrap = resumed + _AUTO_FIRST_STEP
-    assert [s for s in range(resumed + 1, bootstrap + 1) if manager.is_step_due(s)] == [bootstrap]
+    due = []
+    for step in range(resumed + 1, bootstrap + 1):
+        due += [step] if manager.is_step_due(step) else []
+        manager.observe_iteration(STEP_SECONDS)
+    assert due == [bootstrap]
 
     pending = _save(manager, bootstrap)
+    manager.observe_iteration(STEP_SECONDS + 0.004)  # the iteration that saved, 4 ms slower than clean
     assert not manager.is_step_due(bootstrap + 10_000)  # no second save while the first is measured
+    manager.observe_iteration(STEP_SECONDS + 0.002)  # still writing: slowed by it
     time.sleep(0.3)
     gate.set()
     result = pending.wait()  # committed; the manager reads its timings without waiting
+    manager.observe_iteration(STEP_SECONDS + 0.001)  # the one it committed in
 
-    assert not manager.is_step_due(bootstrap)  # (also takes the measurement)
-    seconds = max(math.sqrt(2 * result.stall_seconds * mtbf), result.commit_seconds)
+    assert not manager.is_step_due(bootstrap)  # (also takes the write time)
+    assert manager.cost.save_seconds == pytest.approx(0.007)
+    seconds = max(math.sqrt(2 * 0.007 * mtbf), result.commit_seconds)
     interval = math.ceil(seconds / STEP_SECONDS)
     assert manager.auto_interval() == interval
     assert interval * STEP_SECONDS >= result.commit_seconds >= 0.3  # never sooner than the write took

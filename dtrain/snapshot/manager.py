@@ -10,7 +10,6 @@ each commit (decided from the manifests on disk).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from dtrain.config import AUTO, SnapshotConfig
 from dtrain.dist import DistContext
 from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import layout, reader, retention
+from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
 from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotWriter
 from dtrain.storage import Storage
 
@@ -38,9 +38,9 @@ class SnapshotManager:
         self.consecutive_failures = 0
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
-        self._save_cost: float | None = None
-        self._write_seconds = 0.0
-        self._step_seconds: float | None = None
+        self.cost = SaveCostMeter()
+        self._write_seconds: float | None = None
+        self._logged_cost: float | None = None
         self._pending: PendingSnapshot | None = None
         """The newest save started, kept to read its timings once it committed."""
 
@@ -102,31 +102,38 @@ class SnapshotManager:
         every = self.cfg.every_steps
         if every != AUTO:
             return every > 0 and step % every == 0
-        self._measure_finished()
+        self._take_write_time()
         interval = self.auto_interval()
-        if interval is None and self._pending is not None and not self._pending.done():
+        if interval is None and self.is_saving():
             return False  # the bootstrap save is still being measured: another would only queue behind it
         # Counted from the last save, or the snapshot resumed from: never from step 0.
         return step - (self.last_saved_step or 0) >= (interval or _AUTO_FIRST_STEP)
 
-    def observe_step_time(self, seconds: float) -> None:
-        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+    def observe_iteration(self, seconds: float) -> None:
+        """One iteration of the training loop (step, evaluation, save) took `seconds` on this rank."""
+        self.cost.observe(seconds, in_flight=self.is_saving())
+
+    def is_saving(self) -> bool:
+        return self._pending is not None and not self._pending.done()
 
     def auto_interval(self) -> int | None:
-        """The `auto` interval in steps, from the last measured save; None before one was measured."""
-        if self._save_cost is None or not self._step_seconds:
+        """The `auto` interval in steps, from the measured save cost; None until one save was measured."""
+        save, step = self.cost.save_seconds, self.cost.step_seconds
+        if save is None or not step or self._write_seconds is None:
             return None
-        return young_daly_steps(self._save_cost, self._write_seconds, self.cfg.mtbf_seconds, self._step_seconds)
+        interval = young_daly_steps(save, self._write_seconds, self.cfg.mtbf_seconds, step)
+        if save != self._logged_cost and self.ctx.is_main:  # once per measured save, not per step
+            logger.info("every_steps=auto: %d steps (a save costs training %.3fs and writes for %.3fs; "
+                        "steps of %.4fs; mtbf_seconds=%g)", interval, save, self._write_seconds, step,
+                        self.cfg.mtbf_seconds)
+        self._logged_cost = save
+        return interval
 
-    def _measure_finished(self) -> None:
-        """Take the timings of a save that committed in the background, without waiting for it."""
+    def _take_write_time(self) -> None:
+        """The write time of a save that committed in the background, read without waiting for it."""
         result = self._pending.peek() if self._pending is not None else None
         if result is not None:
-            self._measure(result)
-
-    def _measure(self, result: SaveResult) -> None:
-        self._save_cost = result.stall_seconds
-        self._write_seconds = result.commit_seconds
+            self._write_seconds = result.commit_seconds
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -137,6 +144,7 @@ class SnapshotManager:
             return None
         self._settle_previous()
         logger.info("snapshot of step %d (%s) staging", step, reason)
+        self.cost.save_started()
         pending = self.writer.save(step, replicated, private, meta)
         self._pending = pending
         self.last_saved_step = step
@@ -161,7 +169,7 @@ class SnapshotManager:
             return None
         if result is not None:
             self.consecutive_failures = 0
-            self._measure(result)
+            self._write_seconds = result.commit_seconds
         return result
 
     # -- after commit (rank 0, background thread) ----------------------------------------------
@@ -191,21 +199,6 @@ class SnapshotManager:
     def policy(self) -> retention.RetentionPolicy:
         c = self.cfg
         return retention.RetentionPolicy(c.keep_last, c.keep_best, c.best_mode, c.keep_every)
-
-
-def young_daly_steps(stall_seconds: float, write_seconds: float, mtbf_seconds: float, step_seconds: float) -> int:
-    """Young/Daly's interval, sqrt(2 * C * MTBF), in steps of `step_seconds` (at least 1).
-
-    C is what one save costs training: with asynchronous saves, the stall (staging), since the write
-    runs beside training; an interval that minimizes the stall plus the expected lost work is the
-    right trade. But a save cannot start before the previous one finished writing (it would wait for
-    it, and that wait is a stall C left out), so the interval is never shorter than a write.
-
-        young_daly_steps(0.5, 2.0, 3600, 0.25) == 240    # sqrt(2 * 0.5 * 3600) = 60 s of 0.25 s steps
-        young_daly_steps(0.001, 9.0, 3600, 0.25) == 36   # the 9 s write bounds it, not the 2.7 s optimum
-    """
-    seconds = max(math.sqrt(2 * stall_seconds * mtbf_seconds), write_seconds)
-    return max(1, math.ceil(seconds / step_seconds))
 
 
 def delete_snapshot(storage: Storage, step: int, nonce: str) -> None:
