@@ -1,6 +1,6 @@
 """Goodput under a Poisson killer, for several snapshot intervals.
 
-    python -m chaos.run --only goodput --seconds 75 --mean-interval 25 --intervals 3,200,auto
+    python -m chaos.run --only goodput --seconds 90 --mean-interval 10 --intervals 3,200,auto
 
 For each snapshot interval (a small fixed one, a large fixed one, and "auto" with
 `snapshot.mtbf_seconds` set to the killer's mean interval), two runs of the same config, each for
@@ -45,6 +45,7 @@ MAX_RESTARTS = 1000
 _START = re.compile(r"resumed from snapshot step (\d+) \(|starting a new run")
 _STEP = re.compile(r"\[rank 0\] INFO dtrain\.report: step (\d+) ")
 _COMMIT = re.compile(r"snapshot step (\d+) committed")
+_AUTO = re.compile(r"every_steps=auto: (\d+) steps")
 _FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank")  # torchrun: a worker group failed
 
 
@@ -59,6 +60,8 @@ class RunResult:
     restarts: int = 0
     replayed: list[int] = field(default_factory=list)
     saves: int = 0
+    auto_intervals: list[int] = field(default_factory=list)
+    """Under `every_steps = "auto"`: the interval chosen after each measured save."""
 
     @property
     def goodput(self) -> float:
@@ -118,6 +121,7 @@ def timed_run(root: Path, cfg: Settings, seconds: float, killer: Killer | None,
     steps = committed_steps(run_dir)
     result = RunResult(steps[-1] if steps else 0, seconds, kills)
     result.restarts, result.replayed, result.saves = _from_log(launch.watch.lines)
+    result.auto_intervals = [int(m.group(1)) for line in launch.watch.lines if (m := _AUTO.search(line))]
     return result
 
 

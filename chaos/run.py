@@ -1,9 +1,9 @@
 """`make chaos`: crash-consistency trials, then goodput under a Poisson killer; a table, and results.json.
 
-    python -m chaos.run                                   # defaults: 200 trials, 3 x 2 runs of 75 s (~45 min)
+    python -m chaos.run                                   # defaults: 200 trials, 3 x 2 runs of 90 s (~45 min)
     python -m chaos.run --quick                           # ~10 min: 24 trials, 3 x 2 runs of 40 s
     python -m chaos.run --only crash --trials 40 --seed 7 # replay the kill plan of seed 7
-    python -m chaos.run --only goodput --seconds 60 --mean-interval 15 --intervals 2,50,auto
+    python -m chaos.run --only goodput --seconds 60 --mean-interval 20 --intervals 2,25,50,auto
 
 Exit status 1 when a trial found a violation or weights differed; the seed to replay is printed first.
 """
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=200, help="crash-consistency trials (default 200)")
-    p.add_argument("--seconds", type=float, default=75, help="wall time of each goodput run (default 75)")
-    p.add_argument("--mean-interval", type=float, default=25,
-                   help="mean seconds between kills; also snapshot.mtbf_seconds for auto (default 25)")
+    p.add_argument("--seconds", type=float, default=90, help="wall time of each goodput run (default 90)")
+    p.add_argument("--mean-interval", type=float, default=10,
+                   help="mean seconds between kills; also snapshot.mtbf_seconds for auto (default 10)")
     p.add_argument("--intervals", default="3,200,auto",
                    help="snapshot.every_steps values to compare: small, large, auto (default 3,200,auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default: a fresh one, printed)")
@@ -113,6 +113,10 @@ def goodput_table(rows: list[goodput.IntervalResult], seconds: float, mean: floa
                      f"{r.efficiency:>8.0%} {len(r.chaos.kills):>5} {r.chaos.restarts:>8} {r.chaos.saves:>5} "
                      f"{replayed:>16} {exact:>15}")
     lines.append(f"* best goodput under faults: every_steps={best.interval}")
+    chosen = [n for r in rows for n in r.chaos.auto_intervals]
+    if chosen:
+        lines.append(f"auto chose {statistics.median(chosen):g} steps (median of {len(chosen)} measured saves; "
+                     f"{min(chosen)} to {max(chosen)})")
     return "\n".join(lines)
 
 
