@@ -45,3 +45,23 @@ def test_extending_a_finished_run_trains_only_the_new_steps(tmp_path: Path) -> N
     extended = run_ranks(train, 1, str(tmp_path), ["train.steps=12", "snapshot.every_steps=4"])
     assert extended[0]["resumed_from"] == 8
     assert sorted(extended[0]["ledger"]) == [8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("mtbf, many", [(1e9, False), (1e-6, True)])
+def test_auto_interval_is_agreed_by_both_ranks_and_follows_the_mtbf(tmp_path: Path, mtbf: float, many: bool) -> None:
+    """Each rank measures its own save cost; the group saves when either finds a save due. A huge
+    MTBF leaves only the bootstrap save and the end of the run; a tiny one saves as often as a
+    write allows. Either way the ranks stay in lockstep and the run resumes bit for bit."""
+    auto = ['snapshot.every_steps="auto"', f"snapshot.mtbf_seconds={mtbf}", "snapshot.at_epoch_end=false",
+            "snapshot.keep_last=1000", "train.seed=3"]
+    straight = run_ranks(train, 2, str(tmp_path / "straight"), ["train.steps=40", *auto])
+    first = run_ranks(train, 2, str(tmp_path / "split"), ["train.steps=30", *auto])
+    committed = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "split" / "snapshots").glob("step_*"))
+    if many:
+        assert committed[0] == 10 and len(committed) >= 3, committed  # saves between the bootstrap and the end
+    else:
+        assert committed == [10, 30]
+    second = run_ranks(train, 2, str(tmp_path / "split"), ["train.steps=40", *auto])
+    for rank in range(2):
+        assert first[rank]["error"] is None and second[rank]["resumed_from"] == 30
+        _assert_same_state(straight[rank], second[rank])
