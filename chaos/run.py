@@ -115,7 +115,7 @@ def goodput_table(rows: list[goodput.IntervalResult], seconds: float, mean: floa
     lines.append(f"* best goodput under faults: every_steps={best.interval}")
     chosen = [n for r in rows for n in r.chaos.auto_intervals]
     if chosen:
-        lines.append(f"auto chose {statistics.median(chosen):g} steps (median of {len(chosen)} measured saves; "
+        lines.append(f"auto chose {statistics.median(chosen):g} steps (median of the {len(chosen)} intervals it logged; "
                      f"{min(chosen)} to {max(chosen)})")
     return "\n".join(lines)
 
