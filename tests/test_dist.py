@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from dtrain.dist import _ANNOUNCE_KEY, _connect, _join_announced
+from tests.distributed import free_port
 
 HOST = "127.0.0.1"
 TIMEOUT = timedelta(seconds=30)
-
-
-def _closed_port() -> int:
-    """A port nothing listens on: bound, then released (the dead group's store)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _fresh_store(nonce: str) -> dist.TCPStore:
@@ -29,7 +22,7 @@ def _fresh_store(nonce: str) -> dist.TCPStore:
 
 def test_connect_accepts_only_a_live_store_holding_the_nonce() -> None:
     live = _fresh_store("cafe")
-    assert _connect(HOST, _closed_port(), "cafe", TIMEOUT) is None
+    assert _connect(HOST, free_port(), "cafe", TIMEOUT) is None
     assert _connect(HOST, live.port, "beef", TIMEOUT) is None  # a live store of another group
     client = _connect(HOST, live.port, "cafe", TIMEOUT)
     assert client is not None and client.get("nonce") == b"cafe"
@@ -37,7 +30,7 @@ def test_connect_accepts_only_a_live_store_holding_the_nonce() -> None:
 
 def test_a_restarted_rank_passes_over_the_dead_groups_announcement_and_joins_the_new_one() -> None:
     job = dist.TCPStore(HOST, 0, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-    job.set(_ANNOUNCE_KEY, f"{_closed_port()}:0ld0ld")  # left by the group that was killed
+    job.set(_ANNOUNCE_KEY, f"{free_port()}:0ld0ld")  # left by the killed group: nothing listens there now
     new_rank0_ready = threading.Event()
     hosted: list[dist.TCPStore] = []
 
