@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -31,12 +30,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from chaos.launch import Launch, Settings, committed_steps  # noqa: E402
+from chaos.launch import STARTED, STEP, Launch, Settings, committed_steps  # noqa: E402
 from tests.procs import kill, ranks_now  # noqa: E402
 
 LAYERS = 4
-_STEP = re.compile(r"\[rank 0\] INFO dtrain\.report: step (\d+) ")
-_RESUMED = re.compile(r"resumed from snapshot step (\d+) \(")
 _POLL_S = 0.01
 
 
@@ -91,9 +88,9 @@ def _kill_and_time(launch: Launch, victim: int) -> dict[str, Any]:
     resumed_at, resumed_step = None, None
     while time.monotonic() - start < 600:
         for line in launch.watch.poll():
-            if resumed_at is None and (m := _RESUMED.search(line)):
-                resumed_at, resumed_step = time.monotonic(), int(m.group(1))
-            elif resumed_at is not None and _STEP.search(line):
+            if resumed_at is None and (m := STARTED.search(line)):
+                resumed_at, resumed_step = time.monotonic(), int(m.group(1) or 0)
+            elif resumed_at is not None and STEP.search(line):
                 return {"resumed_s": resumed_at - start, "recovery_s": time.monotonic() - start,
                         "replayed": last - resumed_step, "killed_after_step": last}
         if launch.proc.poll() is not None:
@@ -104,7 +101,7 @@ def _kill_and_time(launch: Launch, victim: int) -> dict[str, Any]:
 
 def _last_step(lines: list[str]) -> int | None:
     for line in reversed(lines):
-        if m := _STEP.search(line):
+        if m := STEP.search(line):
             return int(m.group(1))
     return None
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.launch import Launch, Settings, committed_steps
+from chaos.launch import STARTED, STEP, Launch, Settings, committed_steps
 from tests.conftest import REPO
 from tests.procs import kill, ranks_now
 
@@ -42,8 +42,6 @@ BASE = (
     "snapshot.file_mb=4", "task.options.hidden=768", "train.log_every_steps=1",
 )
 MAX_RESTARTS = 1000
-_START = re.compile(r"resumed from snapshot step (\d+) \(|starting a new run")
-_STEP = re.compile(r"\[rank 0\] INFO dtrain\.report: step (\d+) ")
 _COMMIT = re.compile(r"snapshot step (\d+) committed")
 _AUTO = re.compile(r"every_steps=auto: (\d+) steps")
 _FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank")  # torchrun: a worker group failed
@@ -160,7 +158,7 @@ class Killer:
 
 
 def _starts(lines: list[str]) -> int:
-    return sum(1 for line in lines if _START.search(line))
+    return sum(1 for line in lines if STARTED.search(line))
 
 
 def _from_log(lines: list[str]) -> tuple[int, list[int], int]:
@@ -168,12 +166,12 @@ def _from_log(lines: list[str]) -> tuple[int, list[int], int]:
     restarts = sum(1 for line in lines if _FAILED.search(line))
     starts, replayed, last, commits = 0, [], 0, 0
     for line in lines:
-        if m := _START.search(line):
+        if m := STARTED.search(line):
             if starts:
                 replayed.append(last - int(m.group(1) or 0))
             starts += 1
             last = int(m.group(1) or 0)
-        elif m := _STEP.search(line):
+        elif m := STEP.search(line):
             last = int(m.group(1))
         elif _COMMIT.search(line):
             commits += 1

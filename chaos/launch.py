@@ -26,8 +26,11 @@ from tests.conftest import REPO, torchrun_cmd
 from tests.procs import kill, kill_tree
 
 NPROC = 2
-_STARTED = re.compile(r"resumed from snapshot step (\d+) \(saved at world size \d+\) at world size \d+|"
-                      r"starting a new run at world size \d+")
+STARTED = re.compile(r"resumed from snapshot step (\d+) \(saved at world size \d+\) at world size \d+|"
+                     r"starting a new run at world size \d+")
+"""Rank 0's line when training starts: group 1 is the step resumed from, None for a new run."""
+STEP = re.compile(r"\[rank 0\] INFO dtrain\.report: step (\d+) ")
+"""Rank 0's line after each step (with `train.log_every_steps=1`): group 1 is the step."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Launch:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.watch.poll():
-                if m := _STARTED.search(line):
+                if m := STARTED.search(line):
                     return int(m.group(1)) if m.group(1) else None
             if self.proc.poll() is not None:
                 self.watch.poll()
