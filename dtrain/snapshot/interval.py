@@ -12,7 +12,7 @@ one in which it commits, less what as many iterations take with no save in fligh
 
     meter = SaveCostMeter()
     meter.observe(0.040, in_flight=False)          # ... every iteration of the loop
-    meter.save_started()
+    meter.save_started(stall_seconds=0.02)
     meter.observe(0.090, in_flight=True)           # the save's stall, and its first faults
     meter.observe(0.045, in_flight=False)          # it committed during this one
     young_daly_steps(meter.save_seconds, write_seconds=0.1, mtbf_seconds=3600, step_seconds=meter.step_seconds)
@@ -36,6 +36,8 @@ class SaveCostMeter:
         self._costs: collections.deque[float] = collections.deque(maxlen=_SAVES)
         self._open: float | None = None
         """Extra seconds of the save being measured so far; None when none is."""
+        self._stall = 0.0
+        """The stall of the save being measured: the least it can have cost."""
 
     @property
     def step_seconds(self) -> float | None:
@@ -47,10 +49,11 @@ class SaveCostMeter:
         """The training time one save costs (median of the recent measurements); None before one."""
         return statistics.median(self._costs) if self._costs else None
 
-    def save_started(self) -> None:
-        """A save starts in the current iteration; one still being measured ends here."""
+    def save_started(self, stall_seconds: float) -> None:
+        """A save started in the current iteration and held training for `stall_seconds`; one still
+        being measured ends here."""
         self._close()
-        self._open = 0.0
+        self._open, self._stall = 0.0, stall_seconds
 
     def observe(self, seconds: float, in_flight: bool) -> None:
         """One iteration took `seconds`; `in_flight`: the save being measured is still running at its end."""
@@ -63,7 +66,9 @@ class SaveCostMeter:
 
     def _close(self) -> None:
         if self._open is not None:
-            self._costs.append(max(0.0, self._open))  # noise can make a cheap save look negative
+            # Noise in the other steps can hide a cheap save, even make it look negative; its stall
+            # was measured on its own and is a cost for certain. (A zero would mean: save every step.)
+            self._costs.append(max(self._stall, self._open))
             self._open = None
 
 

@@ -144,8 +144,9 @@ class SnapshotManager:
             return None
         self._settle_previous()
         logger.info("snapshot of step %d (%s) staging", step, reason)
-        self.cost.save_started()
+        started = time.perf_counter()
         pending = self.writer.save(step, replicated, private, meta)
+        self.cost.save_started(stall_seconds=time.perf_counter() - started)
         self._pending = pending
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
