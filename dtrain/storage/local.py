@@ -1,21 +1,58 @@
-"""A POSIX filesystem, local or shared (NFS, Lustre), under one root directory."""
+"""A POSIX filesystem, local or shared (NFS, Lustre), under one root directory.
+
+Regular files inside the root, never follow: every read reaches its file one component at a time
+from the root, opening each directory with `O_NOFOLLOW | O_DIRECTORY` relative to the one before
+(`dir_fd`), and refuses, with `UnsafePathError`, any path where a component below the root is a
+symlink or where the file itself is not a regular file. A run dir may be hostile or damaged (a copy
+from someone else, a shared scratch area), and following it would let it hang a reader (a FIFO in
+place of `manifest.json` blocks `open` forever), exhaust memory (a symlink to `/dev/zero` reports
+size 0 and never ends) or make a restore read files outside the run dir (a symlinked step dir).
+The final file is opened `O_NONBLOCK`, so that even a FIFO swapped in after the check cannot block,
+and checked again with `fstat` on the open descriptor, so that the check and the read are of one
+file. The root itself may be a symlink (run dirs often point at a mount); only what lies below it
+is checked. Directories are created the same way, so that a symlink planted below the root fails
+the run at its start rather than at its restore.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _WRITE_BLOCK = 8 << 20  # large writes, but bounded, so a slow disk still reports progress per block
-_TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")  # what `write_atomic` writes before its rename
+_READ_BLOCK = 1 << 20  # `read_bytes` reads in blocks: one `os.read(fd, limit)` would allocate `limit` up front
+# What `write_atomic` writes before its rename: `.{name}.tmp-{pid}-{hex}`, or `.{name}.tmp-{pid}` of older versions.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What `open` says when it meets a symlink (ELOOP), a non-directory where a directory should be
+# (ENOTDIR, also a symlink opened with O_DIRECTORY | O_NOFOLLOW), or a socket (ENXIO).
+_UNSAFE_ERRNOS = {errno.ELOOP, errno.ENOTDIR, errno.ENXIO}
+
+
+class UnsafePathError(OSError):
+    """A path that does not lead, without following a symlink, to a regular file (for reads) or a
+    directory (for `makedirs`) inside the run dir."""
 
 
 class LocalWriteHandle:
-    def __init__(self, path: Path) -> None:
+    """A file open for writing; `close` and `abort` each close the descriptor at most once, so a
+    failed `close` followed by the caller's `abort` never closes a number another thread reuses."""
+
+    def __init__(self, path: Path, flags: int = _NEW_FILE_FLAGS) -> None:
         self._path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, flags, 0o644)
+        self._is_durable = False
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B")
@@ -26,20 +63,35 @@ class LocalWriteHandle:
                 block = block[written:]
 
     def close(self) -> None:
+        if self._fd < 0:
+            if not self._is_durable:  # a second `close` must not vouch for bytes the first could not store
+                raise OSError(f"{self._path}: closed after a failure; its bytes are not known to be stored")
+            return
+        fd, self._fd = self._fd, -1
         try:
-            os.fsync(self._fd)
+            os.fsync(fd)
         finally:
-            os.close(self._fd)
+            os.close(fd)
+        self._is_durable = True
 
     def abort(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
         try:
-            os.close(self._fd)
+            os.close(fd)
         except OSError:
             pass
 
 
 class LocalStorage:
-    """Storage rooted at `root`; every path argument is relative to it."""
+    """Storage rooted at `root`; every path argument is relative to it (`/`-separated, no `..`).
+
+        storage = LocalStorage("/mnt/runs/exp1")
+        storage.makedirs("snapshots")
+        storage.write_atomic("snapshots/latest", b"step_000000400\\n")
+        storage.read_bytes("snapshots/latest", limit=1024)
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -47,13 +99,17 @@ class LocalStorage:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    # -- writing -----------------------------------------------------------------------------
+
     def open_write(self, path: str) -> LocalWriteHandle:
         return LocalWriteHandle(self.path(path))
 
     def write_atomic(self, path: str, data: bytes) -> None:
         final = self.path(path)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")  # matches _TEMP_NAME
-        handle = LocalWriteHandle(tmp)
+        # A fresh name, created exclusively and never through a symlink: a stale temp file of a
+        # reused pid cannot block it, and a planted one cannot redirect or truncate another file.
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")  # matches _TEMP_NAME
+        handle = LocalWriteHandle(tmp, _TEMP_FILE_FLAGS)
         try:
             handle.write(memoryview(data))
             handle.close()
@@ -65,16 +121,71 @@ class LocalStorage:
         self.sync_dir(str(Path(path).parent))
 
     def remove_temp_files(self, path: str) -> list[str]:
-        removed = []
-        for name in self.listdir(path):
-            p = self.path(path) / name
-            if _TEMP_NAME.match(name) and p.is_file():
-                p.unlink(missing_ok=True)
-                removed.append(name)
-        return removed
+        """Names removed: temp files of `write_atomic`, and symlinks so named (the link itself,
+        never its target). Nothing is followed; other kinds of entry are left alone."""
+        try:
+            dir_fd = self._open_dir(path, _parts(path))
+        except (FileNotFoundError, UnsafePathError):
+            return []
+        try:
+            return [name for name in sorted(os.listdir(dir_fd))
+                    if _TEMP_NAME.match(name) and _unlink_file_or_link(name, dir_fd)]
+        finally:
+            os.close(dir_fd)
+
+    def makedirs(self, path: str) -> None:
+        """Create directory `path` and its missing parents. Each directory created is made durable
+        in its parent (fsync) at once; a symlink below the root raises `UnsafePathError`."""
+        if not self.root.is_dir():
+            _make_root(self.root)
+        dir_fd = self._open_dir(path, [])
+        try:
+            for part in _parts(path):
+                try:
+                    os.mkdir(part, 0o777, dir_fd=dir_fd)
+                    os.fsync(dir_fd)  # so that a power cut cannot lose the new entry
+                except FileExistsError:
+                    pass
+                with _refusing(self.path(path), "a directory"):
+                    dir_fd, parent = os.open(part, _DIR_FLAGS, dir_fd=dir_fd), dir_fd
+                os.close(parent)
+        finally:
+            os.close(dir_fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(self.path(src), self.path(dst))
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(self.path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove_tree(self, path: str) -> None:
+        """Delete `path` and all below it, ignoring errors, never following a symlink: a symlink at
+        `path` is unlinked (not its target), and nothing is done below a symlinked directory."""
+        try:
+            dir_fd, name = self._open_parent(path)
+        except OSError:
+            return
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                shutil.rmtree(name, ignore_errors=True, dir_fd=dir_fd)  # its fd-based walk never follows
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    # -- reading -----------------------------------------------------------------------------
 
     def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
-        with open(self.path(path), "rb", buffering=0) as f:
+        with open(self._open_regular(path), "rb", buffering=0) as f:
+            wanted, size = sum(out.nbytes for out in outs), os.fstat(f.fileno()).st_size
+            if size < wanted:
+                raise EOFError(f"{self.path(path)} is {size} bytes, expected at least {wanted}")
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
             offset = 0
             for out in outs:
@@ -82,7 +193,7 @@ class LocalStorage:
                 filled = 0
                 while filled < len(out):
                     n = f.readinto(out[filled:])
-                    if not n:
+                    if not n:  # the file shrank since fstat
                         raise EOFError(f"{self.path(path)} ends at byte {offset + filled}, expected more")
                     filled += n
                 offset += filled
@@ -90,34 +201,158 @@ class LocalStorage:
                     on_read(out)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
-        p = self.path(path)
-        size = p.stat().st_size
-        if size > limit:
-            raise ValueError(f"{p} is {size} bytes, over the {limit}-byte limit for this kind of file")
-        return p.read_bytes()
+        """The whole file; `ValueError` if it holds more than `limit` bytes. Never reads more than
+        `limit + 1` bytes, whatever size the file reports or however it grows meanwhile."""
+        fd = self._open_regular(path)
+        try:
+            if os.fstat(fd).st_size > limit:
+                raise _over_limit(self.path(path), limit)
+            chunks, total = [], 0
+            while total <= limit:
+                chunk = os.read(fd, min(limit + 1 - total, _READ_BLOCK))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                total += len(chunk)
+            raise _over_limit(self.path(path), limit)
+        finally:
+            os.close(fd)
 
     def size(self, path: str) -> int:
-        return self.path(path).stat().st_size
+        return self._lstat_regular(path).st_size
 
     def exists(self, path: str) -> bool:
-        return self.path(path).exists()
+        return os.path.lexists(self.path(path))
+
+    def is_regular_file(self, path: str) -> bool:
+        try:
+            self._lstat_regular(path)
+        except (FileNotFoundError, UnsafePathError):
+            return False
+        return True
 
     def listdir(self, path: str) -> list[str]:
-        p = self.path(path)
-        return sorted(os.listdir(p)) if p.is_dir() else []
+        """Sorted names in directory `path`; [] when it is missing, not a directory, or reached
+        through a symlink (a symlinked directory is not listed, as it is not inside the run dir)."""
+        try:
+            dir_fd = self._open_dir(path, _parts(path))
+        except (FileNotFoundError, UnsafePathError):
+            return []
+        try:
+            return sorted(os.listdir(dir_fd))
+        finally:
+            os.close(dir_fd)
 
-    def makedirs(self, path: str) -> None:
-        self.path(path).mkdir(parents=True, exist_ok=True)
+    # -- the walk from the root ----------------------------------------------------------------
 
-    def rename(self, src: str, dst: str) -> None:
-        os.rename(self.path(src), self.path(dst))
+    def _open_dir(self, path: str, parts: list[str]) -> int:
+        """A descriptor of directory `parts` below the root, no component followed if a symlink."""
+        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the root may be a symlink
+        try:
+            for part in parts:
+                with _refusing(self.path(path), "a regular file"):
+                    dir_fd, parent = os.open(part, _DIR_FLAGS, dir_fd=dir_fd), dir_fd
+                os.close(parent)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_fd
 
-    def sync_dir(self, path: str) -> None:
-        fd = os.open(self.path(path), os.O_RDONLY | os.O_DIRECTORY)
+    def _open_parent(self, path: str) -> tuple[int, str]:
+        """(descriptor of the directory holding `path`, the name of `path` in it)."""
+        parts = _parts(path)
+        if not parts:
+            raise UnsafePathError(f"{self.path(path)}: not a regular file inside the run dir (it is the run dir)")
+        return self._open_dir(path, parts[:-1]), parts[-1]
+
+    def _lstat_regular(self, path: str) -> os.stat_result:
+        dir_fd, name = self._open_parent(path)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+        _require_regular(self.path(path), st)
+        return st
+
+    def _open_regular(self, path: str) -> int:
+        """A blocking descriptor open for reading on the regular file `path`."""
+        dir_fd, name = self._open_parent(path)
+        try:
+            _require_regular(self.path(path), os.stat(name, dir_fd=dir_fd, follow_symlinks=False))  # never open a device
+            with _refusing(self.path(path), "a regular file"):
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            _require_regular(self.path(path), os.fstat(fd))  # the entry may have changed since the lstat
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _parts(path: str) -> list[str]:
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/") or ".." in parts:
+        raise UnsafePathError(f"{path}: not inside the run dir (absolute, or climbs out with '..')")
+    return parts
+
+
+@contextmanager
+def _refusing(path: Path, kind: str) -> Iterator[None]:
+    """Turn what `open` says of a symlink, a non-directory or a socket into `UnsafePathError`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _UNSAFE_ERRNOS:
+            raise
+        raise UnsafePathError(f"{path}: not {kind} inside the run dir (a symlink or other entry is in the way: "
+                              f"{e.strerror}); dtrain never follows symlinks below the run dir") from None
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(f"{path}: not a regular file inside the run dir (it is {_kind(st.st_mode)}); "
+                              "dtrain reads only regular files and never follows symlinks below the run dir")
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for is_kind, name in kinds if is_kind(mode)), "an entry of unknown kind")
+
+
+def _over_limit(path: Path, limit: int) -> ValueError:
+    return ValueError(f"{path} is over the {limit}-byte limit for this kind of file")
+
+
+def _unlink_file_or_link(name: str, dir_fd: int) -> bool:
+    """Unlink `name` if it is a regular file or a symlink (the link, never its target)."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _make_root(root: Path) -> None:
+    """Create the root and its missing ancestors, each made durable in its parent."""
+    missing = []
+    for p in [root.absolute(), *root.absolute().parents]:
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            continue
+        fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def remove_tree(self, path: str) -> None:
-        shutil.rmtree(self.path(path), ignore_errors=True)
