@@ -215,6 +215,90 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
              f"it must be at least the world size ({world_size}): raise it or start fewer processes")
 
 
+def validate_staging_for_device(cfg: Config, device_type: str) -> None:
+    """Checks that depend on the device (`cpu` or `cuda`) the run trains on."""
+    s = cfg.snapshot.staging
+    _require(not (s == "fork" and device_type == "cuda"), "snapshot.staging", s,
+             "on a CUDA device a forked child cannot read GPU memory: use copy or auto")
+
+
+# Keys that fix the data order (the seed, the dataset and its options) or the model, its optimizer
+# and its loss. Changing one on resume repeats and skips samples or trains a different model from
+# the restored state, so it is refused unless accepted. A key is defining if it equals one of these
+# or starts with one of these plus a dot.
+DEFINING_KEYS = ("train.seed", "task")
+
+
+class ConfigChangeRefused(ConfigError):
+    """A resume would change a defining key (see DEFINING_KEYS) of the run dir's snapshot."""
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    key: str
+    """Dotted key, e.g. `task.options.lr`."""
+    old: Any
+    """The value in the snapshot's config; None if it had no such key."""
+    new: Any
+    """The value now; None if today's config has no such key."""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    defining: tuple[ConfigChange, ...]
+    """Changes to the data order or the model: refused on resume unless accepted."""
+    applied: tuple[ConfigChange, ...]
+    """Every other change: applied on resume and worth a log line."""
+
+
+def config_changes(saved: dict[str, Any], new: Config) -> ConfigChanges:
+    """Compare a snapshot's `Config.to_dict()` with `new`, leaf by leaf, e.g. `task.options.lr`."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    old = _leaves({k: v for k, v in saved.items() if k in sections})  # unknown sections: ignored
+    now, defaults = _leaves(new.to_dict()), _leaves(Config().to_dict())
+    changes = []
+    for key in [*now, *(k for k in old if k not in now)]:  # in config order
+        # A snapshot from an older dtrain lacks keys added since, and ran as their default does.
+        unchanged_default = key not in old and key in defaults and now.get(key) == defaults[key]
+        if old.get(key) != now.get(key) and not unchanged_default:
+            changes.append(ConfigChange(key, old.get(key), now.get(key)))
+    defining = tuple(c for c in changes if _is_defining(c.key))
+    return ConfigChanges(defining, tuple(c for c in changes if not _is_defining(c.key)))
+
+
+def check_resume_config(saved: dict[str, Any], new: Config, allow_change: bool) -> ConfigChanges:
+    """Refuse a resume that changes the data order or the model unless `allow_change`; else return the changes.
+
+    Example::
+
+        changes = check_resume_config(manifest["config"], cfg, args.allow_config_change)
+    """
+    changes = config_changes(saved, new)
+    if changes.defining and not allow_change:
+        listed = "; ".join(str(c) for c in changes.defining)
+        raise ConfigChangeRefused(
+            f"the run dir's snapshot was trained with a different data order or model: {listed}. "
+            "Resuming would silently repeat and skip samples or train a different model; restore the old "
+            "values, use a new --run-dir, or pass --allow-config-change to accept them"
+        )
+    return changes
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_leaves(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _is_defining(key: str) -> bool:
+    return any(key == d or key.startswith(f"{d}.") for d in DEFINING_KEYS)
+
+
 def _require_entry_point(name: str, value: str, optional: bool) -> None:
     if optional and value == "":
         return

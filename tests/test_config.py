@@ -8,7 +8,18 @@ from typing import Any
 
 import pytest
 
-from dtrain.config import Config, TaskConfig, config_from_dict, load_config, validate_for_world
+from dtrain.config import (
+    Config,
+    ConfigChange,
+    ConfigChangeRefused,
+    TaskConfig,
+    check_resume_config,
+    config_changes,
+    config_from_dict,
+    load_config,
+    validate_for_world,
+    validate_staging_for_device,
+)
 from dtrain.errors import ConfigError
 from dtrain.task import load_task
 from tests.conftest import dtrain_cmd, run
@@ -296,3 +307,126 @@ def test_cli_refuses_bad_config_before_touching_the_run_dir(tmp_path: Path, text
     for fragment in fragments:
         assert fragment in result.stdout, f"{fragment!r} not in {result.stdout!r}"
     assert not (tmp_path / "runs").exists()
+
+
+# -- resume: a saved config compared with the new one --------------------------------------------
+
+
+def _saved(*overrides: str) -> dict[str, Any]:
+    return load_config(None, list(overrides)).to_dict()
+
+
+@pytest.mark.parametrize(
+    "saved, overrides, expected",
+    [
+        ([], [], []),
+        (["task.options.lr=0.01", "task.options.net={width=8}"], ["task.options.lr=0.01", "task.options.net={width=8}"], []),
+        ([], ["train.seed=1"], [("train.seed", 0, 1)]),
+        (["task.options.lr=0.01"], ["task.options.lr=0.03"], [("task.options.lr", 0.01, 0.03)]),
+        (["task.options.lr=0.01"], [], [("task.options.lr", 0.01, None)]),
+        ([], ["task.options.net={width=8}"], [("task.options.net.width", None, 8)]),
+        (["task.options.net={width=8, depth=2}"], ["task.options.net={width=8}"], [("task.options.net.depth", 2, None)]),
+        (["task.options.net={width=8}"], ["task.options.net={width=16}"], [("task.options.net.width", 8, 16)]),
+        ([], ["task.model=tests.test_config:build_anything"],
+         [("task.model", "dtrain.examples.teacher:build_model", "tests.test_config:build_anything")]),
+        ([], ['task.scheduler=""'], [("task.scheduler", "dtrain.examples.teacher:build_scheduler", "")]),
+        (["task.options.lr=0.01"], ["train.seed=1", "task.options.lr=0.03"],
+         [("train.seed", 0, 1), ("task.options.lr", 0.01, 0.03)]),
+    ],
+)
+def test_defining_change_is_refused_naming_each_key(saved: list[str], overrides: list[str],
+                                                    expected: list[tuple[str, Any, Any]]) -> None:
+    new = load_config(None, overrides)
+    changes = config_changes(_saved(*saved), new)
+    assert [(c.key, c.old, c.new) for c in changes.defining] == expected
+    assert changes.applied == ()
+    if not expected:
+        assert check_resume_config(_saved(*saved), new, allow_change=False) == changes
+        return
+    with pytest.raises(ConfigChangeRefused) as info:
+        check_resume_config(_saved(*saved), new, allow_change=False)
+    message = str(info.value)
+    assert "--allow-config-change" in message and "--run-dir" in message
+    for key, old, value in expected:
+        assert f"{key}: {old!r} -> {value!r}" in message, message
+
+
+def test_refusal_message_reads_old_then_new() -> None:
+    with pytest.raises(ConfigChangeRefused, match=r"train\.seed: 0 -> 1") as info:
+        check_resume_config(_saved(), load_config(None, ["train.seed=1"]), allow_change=False)
+    assert "different data order or model" in str(info.value)
+
+
+def test_allowed_defining_change_is_returned_not_raised() -> None:
+    changes = check_resume_config(_saved(), load_config(None, ["train.seed=1", "train.steps=500"]), allow_change=True)
+    assert changes.defining == (ConfigChange("train.seed", 0, 1),)
+    assert changes.applied == (ConfigChange("train.steps", 200, 500),)
+
+
+@pytest.mark.parametrize(
+    "override, key, old, new",
+    [
+        ("train.steps=500", "train.steps", 200, 500),
+        ("train.global_batch_size=32", "train.global_batch_size", 64, 32),
+        ("train.log_every_steps=1", "train.log_every_steps", 10, 1),
+        ("train.device=cpu", "train.device", "auto", "cpu"),
+        ("snapshot.keep_last=5", "snapshot.keep_last", 3, 5),
+        ("snapshot.every_steps=auto", "snapshot.every_steps", 50, "auto"),
+        ("dist.timeout_seconds=30", "dist.timeout_seconds", 120.0, 30.0),
+    ],
+)
+def test_other_changes_are_applied_and_reported(override: str, key: str, old: Any, new: Any) -> None:
+    changes = check_resume_config(_saved(), load_config(None, [override]), allow_change=False)
+    assert changes.defining == ()
+    assert changes.applied == (ConfigChange(key, old, new),)
+    assert str(changes.applied[0]) == f"{key}: {old!r} -> {new!r}"
+
+
+def _without(tree: dict[str, Any], section: str, key: str) -> dict[str, Any]:
+    return {**tree, section: {k: v for k, v in tree[section].items() if k != key}}
+
+
+@pytest.mark.parametrize(
+    "saved, overrides, defining, applied",
+    [
+        # a snapshot from an older dtrain: a key it lacks ran as today's default
+        (_without(_saved(), "snapshot", "mtbf_seconds"), [], [], []),
+        (_without(_saved(), "task", "scheduler"), [], [], []),
+        ({k: v for k, v in _saved().items() if k != "dist"}, [], [], []),
+        # ... but a value other than the default is still a change
+        (_without(_saved(), "snapshot", "mtbf_seconds"), ["snapshot.mtbf_seconds=60"], [],
+         [("snapshot.mtbf_seconds", None, 60.0)]),
+        (_without(_saved(), "task", "loss"), ["task.loss=tests.test_config:build_anything"],
+         [("task.loss", None, "tests.test_config:build_anything")], []),
+        # sections today's Config does not know are ignored; unknown keys of a known one are not
+        ({**_saved(), "profiler": {"enabled": True}}, [], [], []),
+        ({**_saved(), "train": {**_saved()["train"], "warmup": 5}}, [], [], [("train.warmup", 5, None)]),
+    ],
+    ids=["missing-key-default", "missing-task-key-default", "missing-section-default", "missing-key-changed",
+         "missing-task-key-changed", "unknown-section", "removed-key"],
+)
+def test_snapshot_from_another_version(saved: dict[str, Any], overrides: list[str],
+                                       defining: list[tuple[str, Any, Any]], applied: list[tuple[str, Any, Any]]) -> None:
+    changes = config_changes(saved, load_config(None, overrides))
+    assert [(c.key, c.old, c.new) for c in changes.defining] == defining
+    assert [(c.key, c.old, c.new) for c in changes.applied] == applied
+
+
+def test_config_change_refused_is_a_config_error() -> None:
+    assert issubclass(ConfigChangeRefused, ConfigError)
+
+
+@pytest.mark.parametrize(
+    "staging, device, ok",
+    [("fork", "cuda", False), ("fork", "cpu", True), ("copy", "cuda", True), ("auto", "cuda", True), ("copy", "cpu", True)],
+)
+def test_fork_staging_is_refused_on_cuda(staging: str, device: str, ok: bool) -> None:
+    cfg = load_config(None, [f"snapshot.staging={staging}"])
+    if ok:
+        validate_staging_for_device(cfg, device)
+        return
+    with pytest.raises(ConfigError) as info:
+        validate_staging_for_device(cfg, device)
+    message = str(info.value)
+    assert "snapshot.staging = 'fork'" in message
+    assert "a forked child cannot read GPU memory: use copy or auto" in message
