@@ -4,10 +4,14 @@ Two channels are set up beside the training group:
 
 - `cpu_group`, a gloo group for small CPU-side agreements (preemption flags, restore
   broadcasts); it is the training group itself when that one is gloo already.
-- `store`, a key-value store client of its own, used by background snapshot threads. A
-  background thread must never issue collectives on the training group: they would interleave
-  with the training loop's and deadlock. Store keys carry a per-launch nonce so a restarted
-  group never reads a previous attempt's keys.
+- two key-value store clients of their own: `store` for the training thread's agreements
+  (`exchange`), `save_store` for the background snapshot thread. A background thread must never
+  issue collectives on the training group: they would interleave with the training loop's and
+  deadlock. It must not share a store client with the training thread either: a client serves
+  one request at a time, so a training thread waiting in `exchange` for a peer would hold up this
+  rank's shard report, which that peer's save may be waiting for (a preemption during a save
+  deadlocked that way). Store keys carry a per-launch nonce so a restarted group never reads a
+  previous attempt's keys.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ class DistContext:
     backend: str
     cpu_group: dist.ProcessGroup | None
     store: dist.Store
-    restart_count: int
+    """The training thread's client: `exchange` and other agreements in the loop."""
+    save_store: dist.Store
+    """The background snapshot thread's client: shard reports and commit outcomes."""
     timeout: timedelta
     nonce: str
     """Random per launch, agreed by all ranks: names this attempt's store keys and pending dirs."""
@@ -79,8 +85,9 @@ class DistContext:
 
 def solo_context() -> DistContext:
     """A context for one process with no process group: `dtrain ckpt` commands and tests."""
+    store = dist.HashStore()
     return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="none",
-                       cpu_group=None, store=dist.HashStore(), restart_count=0, timeout=timedelta(seconds=60),
+                       cpu_group=None, store=store, save_store=store, timeout=timedelta(seconds=60),
                        nonce=secrets.token_hex(8))
 
 
@@ -98,14 +105,16 @@ def attach(timeout: timedelta = timedelta(minutes=10)) -> DistContext:
     nonce = _agree_nonce(cpu_group)
     if world_size == 1 or "MASTER_ADDR" not in os.environ:
         store: dist.Store = dist.HashStore()
+        save_store: dist.Store = store
     else:
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=timeout)
-        store = dist.PrefixStore(f"dtrain/{nonce}", client)
+        store, save_store = (
+            dist.PrefixStore(f"dtrain/{nonce}", dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                              is_master=False, timeout=timeout))
+            for _ in range(2))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-                       cpu_group=cpu_group, store=store, restart_count=0, timeout=timeout, nonce=nonce)
+                       cpu_group=cpu_group, store=store, save_store=save_store, timeout=timeout, nonce=nonce)
 
 
 def env_world_size() -> int:
@@ -113,9 +122,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def choose_device(cfg: Config, local_rank: int) -> torch.device:
+def planned_device_type(cfg: Config) -> str:
+    """`cuda` or `cpu`: what `choose_device` will pick, known before any process group exists."""
     wanted = cfg.train.device
-    if wanted == "cuda" or (wanted == AUTO and torch.cuda.is_available()):
+    return "cuda" if wanted == "cuda" or (wanted == AUTO and torch.cuda.is_available()) else "cpu"
+
+
+def choose_device(cfg: Config, local_rank: int) -> torch.device:
+    if planned_device_type(cfg) == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -128,7 +142,7 @@ def init_distributed(cfg: Config) -> DistContext:
     device = choose_device(cfg, local_rank)
     backend = _choose_backend(cfg, device)
     rank, world_size = int(os.environ.get("RANK", "0")), env_world_size()
-    group_store, store = group_stores(rank, timeout)
+    group_store, store, save_store = group_stores(rank, timeout)
     dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
@@ -140,7 +154,7 @@ def init_distributed(cfg: Config) -> DistContext:
         backend=backend,
         cpu_group=cpu_group,
         store=store,
-        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        save_store=save_store,
         timeout=timeout,
         nonce=_agree_nonce(cpu_group),
     )
@@ -165,9 +179,9 @@ def _agree_nonce(cpu_group: dist.ProcessGroup | None) -> str:
     return f"{int(t.item()):016x}"
 
 
-def group_stores(rank: int, timeout: timedelta) -> tuple[dist.Store, dist.Store]:
-    """Two clients of a store that belongs to this group alone: one for the process group, one for
-    background snapshot threads.
+def group_stores(rank: int, timeout: timedelta) -> tuple[dist.Store, dist.Store, dist.Store]:
+    """Three clients of a store that belongs to this group alone: for the process group, for the
+    training thread, and for the background snapshot thread.
 
     torchrun keeps one store for the whole job and does not clear it between restarts, so keys a
     dead group wrote (gloo's peer addresses among them) are still there when the next group joins:
@@ -178,20 +192,25 @@ def group_stores(rank: int, timeout: timedelta) -> tuple[dist.Store, dist.Store]
     """
     if "MASTER_ADDR" not in os.environ:
         solo = dist.HashStore()
-        return solo, solo
+        return solo, solo, solo
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # no torchrun: rank 0 hosts at MASTER_PORT
         first = dist.TCPStore(host, port, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
-        return first, dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    else:
+        first = _fresh_group_store(rank, host, port, timeout)
+    clients = [dist.TCPStore(host, first.port, is_master=False, timeout=timeout) for _ in range(2)]
+    return first, clients[0], clients[1]
+
+
+def _fresh_group_store(rank: int, host: str, port: int, timeout: timedelta) -> dist.Store:
     job_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     if rank == 0:
         nonce = secrets.token_hex(8)
         fresh = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
         fresh.set("nonce", nonce)
         job_store.set(_ANNOUNCE_KEY, f"{fresh.port}:{nonce}")
-        return fresh, dist.TCPStore(host, fresh.port, is_master=False, timeout=timeout)
-    client = _join_announced(job_store, host, timeout)
-    return client, dist.TCPStore(host, client.port, is_master=False, timeout=timeout)
+        return fresh
+    return _join_announced(job_store, host, timeout)
 
 
 _ANNOUNCE_KEY = "dtrain/group_store"

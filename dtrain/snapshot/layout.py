@@ -48,3 +48,8 @@ def replicated_file(index: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.bin"
+
+
+def own_prefix(rank: int) -> str:
+    """The key prefix of one rank's own state (its RNG streams) among a snapshot's tensors."""
+    return f"rank{rank:05d}"

@@ -2,6 +2,14 @@
 
 Rank 0 writes it last, after every rank's files are durable. It lists every file with its size
 and CRC-32C, and every tensor with its dtype, shape and the byte ranges (pieces) that hold it.
+Tensors that shared storage when saved (tied weights, a buffer that views a parameter) are stored
+once: a uint8 tensor holds the shared bytes and each of them is a `View` of it.
+
+It holds every non-tensor value of the state too (step, data cursor, learning rates, Python RNG
+state), so its own bytes are checksummed like the files': `manifest.json` is one header line,
+`dtrain-snapshot 2 crc32c=XXXXXXXX bytes=N`, then N bytes of JSON whose CRC-32C the header gives.
+A changed digit anywhere is corruption, never a silently different resume.
+
 Parsing treats it as hostile: file names must be plain names inside the snapshot, sizes and
 counts must be plausible and consistent, and nothing in it is ever executed or unpickled.
 """
@@ -11,15 +19,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from dtrain.errors import UnsafeSnapshotError
+from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
+from dtrain.snapshot import checksum
 
 FORMAT = "dtrain-snapshot"
-VERSION = 1
+VERSION = 2
+_HEADER = re.compile(rb"dtrain-snapshot (\d+) crc32c=([0-9a-f]{8}) bytes=(\d+)\n")
 MAX_MANIFEST_BYTES = 256 << 20
 _MAX_FILES = 1_000_000
 _MAX_TENSORS = 10_000_000
@@ -51,14 +61,33 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class View:
+    """A tensor that lives inside another one's bytes: `base` (a 1-d uint8 tensor) from `byte_offset`, with `stride`."""
+
+    base: str
+    byte_offset: int
+    stride: list[int]
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     dtype: str
     shape: list[int]
     pieces: list[Piece]
+    """Where its bytes are, in order; empty for a view."""
+    view: View | None = None
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    @property
+    def extent(self) -> int:
+        """Bytes a view spans in its base, from its first element to past its last."""
+        if math.prod(self.shape) == 0 or self.view is None:
+            return 0
+        last = sum((n - 1) * s for n, s in zip(self.shape, self.view.stride))
+        return (last + 1) * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -85,7 +114,6 @@ class Manifest:
     files: dict[str, FileEntry]
     format: str = FORMAT
     version: int = VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -93,6 +121,24 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
+
+    def to_bytes(self) -> bytes:
+        """The contents of `manifest.json`: the checksummed header line, then the JSON."""
+        return with_header(self.to_json().encode())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
+        """Parse `manifest.json` after checking its header's length and CRC-32C."""
+        header, _, body = data.partition(b"\n")
+        found = _HEADER.fullmatch(header + b"\n")
+        if found is None or int(found[1]) != VERSION:
+            raise UnsafeSnapshotError(f"{where}: not a {FORMAT} {VERSION} manifest (it starts {header[:60]!r}); "
+                                      "it was written by another version or is corrupt")
+        crc = checksum.extend(0, memoryview(body))
+        if len(body) != int(found[3]) or crc != int(found[2], 16):
+            raise CorruptSnapshotError(f"{where}: checksum mismatch ({len(body)} bytes with crc32c {crc:08x}, "
+                                       f"the header records {int(found[3])} bytes with crc32c {found[2].decode()})")
+        return cls.from_json(body, where)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> Manifest:
@@ -108,15 +154,17 @@ class Manifest:
         return manifest
 
 
+def with_header(body: bytes) -> bytes:
+    """`body` behind the header line that records its length and CRC-32C."""
+    crc = checksum.extend(0, memoryview(body))
+    return f"{FORMAT} {VERSION} crc32c={crc:08x} bytes={len(body)}\n".encode() + body
+
+
 def _parse(raw: Any) -> Manifest:
     raw = _of(dict, raw, "manifest")
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, expected {FORMAT!r} {VERSION}")
-    tensors = {
-        k: TensorEntry(_of(str, v["dtype"], "dtype"), [_int(d, "shape") for d in _of(list, v["shape"], "shape")],
-                       [_piece(p) for p in _of(list, v["pieces"], "pieces")])
-        for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()
-    }
+    tensors = {k: _tensor(v, k) for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()}
     files = {k: FileEntry(_int(v["bytes"], "bytes"), _int(v["crc32c"], "crc32c"), _int(v["writer"], "writer"))
              for k, v in _bounded(raw["files"], _MAX_FILES, "files").items() if _fields(v, FileEntry, k)}
     return Manifest(
@@ -126,8 +174,19 @@ def _parse(raw: Any) -> Manifest:
         config=_of(dict, raw["config"], "config"), versions=_of(dict, raw["versions"], "versions"),
         objects=_of(dict, raw["objects"], "objects"),
         per_rank=[_of(dict, r, "per_rank") for r in _of(list, raw["per_rank"], "per_rank")],
-        tensors=tensors, files=files, extra=_of(dict, raw.get("extra", {}), "extra"),
+        tensors=tensors, files=files,
     )
+
+
+def _tensor(v: Any, key: str) -> TensorEntry:
+    v = _fields(v, TensorEntry, key)
+    view = None
+    if v["view"] is not None:
+        w = _fields(v["view"], View, f"{key}.view")
+        view = View(_of(str, w["base"], "base"), _int(w["byte_offset"], "byte_offset"),
+                    [_int(d, "stride") for d in _of(list, w["stride"], "stride")])
+    return TensorEntry(_of(str, v["dtype"], "dtype"), [_int(d, "shape") for d in _of(list, v["shape"], "shape")],
+                       [_piece(p) for p in _of(list, v["pieces"], "pieces")], view)
 
 
 def _piece(p: Any) -> Piece:
@@ -173,6 +232,8 @@ def check(m: Manifest, where: str) -> None:
         _expect(0 <= f.writer < m.world_size, where, f"file {name} has writer {f.writer}")
     for key, t in m.tensors.items():
         _check_tensor(key, t, m.files, where)
+        if t.view is not None:
+            _check_view(key, t, m.tensors, where)
     _check_files_tiled(m, where)
 
 
@@ -181,6 +242,9 @@ def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: 
     _expect(all(0 <= d <= _MAX_BYTES for d in t.shape) and len(t.shape) <= 64, where,
             f"tensor {key} has shape {t.shape}")
     _expect(t.nbytes <= _MAX_BYTES, where, f"tensor {key} claims {t.nbytes} bytes")
+    if t.view is not None:
+        _expect(not t.pieces, where, f"tensor {key} is a view and also has pieces")
+        return
     covered = 0
     for p in t.pieces:
         _expect(p.file in files, where, f"tensor {key} refers to unlisted file {p.file!r}")
@@ -189,6 +253,19 @@ def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: 
                 f"tensor {key} reads past the end of {p.file}")
         covered += p.nbytes
     _expect(covered == t.nbytes, where, f"tensor {key} pieces hold {covered} bytes, its shape needs {t.nbytes}")
+
+
+def _check_view(key: str, t: TensorEntry, tensors: dict[str, TensorEntry], where: str) -> None:
+    """A view must lie inside a stored 1-d uint8 base, aligned for its dtype."""
+    v = t.view
+    base = tensors.get(v.base)
+    _expect(base is not None and base.view is None and base.dtype == "uint8" and len(base.shape) == 1, where,
+            f"tensor {key} is a view of {v.base!r}, which is not a stored uint8 tensor")
+    _expect(len(v.stride) == len(t.shape) and all(0 <= s <= _MAX_BYTES for s in v.stride), where,
+            f"tensor {key} has strides {v.stride} for shape {t.shape}")
+    _expect(0 <= v.byte_offset and v.byte_offset % DTYPES[t.dtype].itemsize == 0, where,
+            f"tensor {key} starts at byte {v.byte_offset} of its base, not aligned for {t.dtype}")
+    _expect(v.byte_offset + t.extent <= base.nbytes, where, f"tensor {key} reads past the end of its base {v.base}")
 
 
 def _check_files_tiled(m: Manifest, where: str) -> None:

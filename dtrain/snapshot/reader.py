@@ -27,6 +27,7 @@ import torch
 from dtrain.dist import DistContext, solo_context
 from dtrain.errors import CorruptSnapshotError, NoSnapshotError
 from dtrain.snapshot import checksum, layout
+from dtrain.snapshot.aliases import make_view
 from dtrain.snapshot.manifest import DTYPES, MAX_MANIFEST_BYTES, FileEntry, Manifest, Piece, file_pieces
 from dtrain.snapshot.plan import spread
 from dtrain.snapshot.tree import flatten, unflatten
@@ -58,10 +59,10 @@ def committed_steps(storage: Storage) -> list[int]:
 def read_manifest(storage: Storage, step: int) -> Manifest:
     path = f"{layout.committed_path(step)}/{layout.MANIFEST}"
     try:
-        text = storage.read_bytes(path, MAX_MANIFEST_BYTES)
+        data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
     except (OSError, ValueError) as e:
         raise CorruptSnapshotError(f"{path}: cannot read the manifest ({e})") from None
-    manifest = Manifest.from_json(text, path)
+    manifest = Manifest.from_bytes(data, path)
     if manifest.step != step:
         raise CorruptSnapshotError(f"{path}: manifest says step {manifest.step}, its directory says {step}")
     return manifest
@@ -153,7 +154,10 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
     same_world = manifest.world_size == ctx.world_size
     own = [layout.rank_file(ctx.rank)] if same_world and layout.rank_file(ctx.rank) in manifest.files else []
     tensors = _Destinations(manifest, _targets(into or {}))
-    problems = _read_files(storage, base, manifest, mine + own, tensors)
+    held = shared if not everyone_reads else mine
+    problems = _fits(storage, base, manifest, mine + own, held + own, tensors)
+    if not problems:
+        problems = _read_files(storage, base, manifest, mine + own, tensors)
     _agree_intact(ctx, step, "files", problems)
     if not everyone_reads:
         for name, reader in zip(shared, readers):
@@ -161,8 +165,9 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
                 _send(ctx, tensors.segments(name))
             else:
                 _receive(ctx, tensors.segments(name), src=reader)
-    objects = {k: unflatten(v, tensors.made) for k, v in manifest.objects.items()}
-    private = {k: unflatten(v, tensors.made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
+    made = tensors.with_views()
+    objects = {k: unflatten(v, made) for k, v in manifest.objects.items()}
+    private = {k: unflatten(v, made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
     return Restored(manifest, objects, private)
 
 
@@ -170,12 +175,14 @@ def read_tensors(storage: Storage, step: int, prefix: str) -> tuple[Manifest, di
     """Tensors whose key starts with `prefix`, read alone (for export); checks every file it reads."""
     manifest = read_manifest(storage, step)
     wanted = {k: e for k, e in manifest.tensors.items() if k.startswith(prefix)}
-    names = sorted({p.file for e in wanted.values() for p in e.pieces})
+    stored = [manifest.tensors[e.view.base] if e.view else e for e in wanted.values()]
+    names = sorted({p.file for e in stored for p in e.pieces})
     tensors = _Destinations(manifest, {})
-    problems = _read_files(storage, layout.committed_path(step), manifest, names, tensors)
+    base = layout.committed_path(step)
+    problems = _fits(storage, base, manifest, names, names, tensors) or _read_files(storage, base, manifest, names, tensors)
     if problems:
         raise CorruptSnapshotError("; ".join(problems))
-    return manifest, {k: t for k, t in tensors.made.items() if k in wanted}
+    return manifest, {k: t for k, t in tensors.with_views().items() if k in wanted}
 
 
 def newest_step(storage: Storage) -> int:
@@ -193,8 +200,8 @@ def _agreed_manifest(storage: Storage, step: int, ctx: DistContext) -> Manifest:
     problem, manifest = "", None
     try:
         manifest = read_manifest(storage, step)
-    except CorruptSnapshotError as e:
-        problem = str(e)
+    except Exception as e:  # whatever one rank meets reading it, all must fall back together
+        problem = str(e) if isinstance(e, CorruptSnapshotError) else f"{type(e).__name__}: {e}"
     _agree_intact(ctx, step, "manifest", [problem] if problem else [])
     assert manifest is not None
     return manifest
@@ -210,6 +217,40 @@ def _agree_intact(ctx: DistContext, step: int, phase: str, problems: list[str]) 
     raise CorruptSnapshotError(f"snapshot {layout.step_dir_name(step)} failed verification: " + "; ".join(everything))
 
 
+def _fits(storage: Storage, base: str, manifest: Manifest, names: list[str], held: list[str],
+          tensors: _Destinations) -> list[str]:
+    """Problems that must stop a restore before it allocates anything: a file whose size on disk is
+    not the manifest's, or more new tensor bytes than this machine has memory for."""
+    problems = []
+    for name in names:
+        path = f"{base}/{name}"
+        try:
+            size = storage.size(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{path}: cannot be read ({e})")
+            continue
+        if size != manifest.files[name].bytes:
+            problems.append(f"{path}: {size} bytes on disk, the manifest records {manifest.files[name].bytes}")
+    needed = tensors.bytes_to_allocate(held)
+    available = available_memory()
+    if needed > available:
+        problems.append(f"{base}: restoring needs {needed} bytes of new tensors, this machine has {available} "
+                        "available; the manifest is corrupt, or restore on machines with more memory")
+    return problems
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give this process now (MemAvailable), or unbounded where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
 def _read_files(storage: Storage, base: str, manifest: Manifest, names: list[str],
                 tensors: _Destinations) -> list[str]:
     problems = []
@@ -219,6 +260,9 @@ def _read_files(storage: Storage, base: str, manifest: Manifest, names: list[str
         except CorruptSnapshotError as e:
             logger.warning("%s", e)
             problems.append(str(e))
+        except Exception as e:  # an allocator or storage error is this snapshot's fault too: fall back together
+            logger.warning("%s/%s: %s: %s", base, name, type(e).__name__, e)
+            problems.append(f"{base}/{name}: cannot be restored ({type(e).__name__}: {e})")
     return problems
 
 
@@ -276,13 +320,30 @@ class _Destinations:
     def segments(self, name: str) -> list[torch.Tensor]:
         return [self._bytes(key)[p.tensor_offset:p.tensor_offset + p.nbytes] for key, p in self._index.get(name, [])]
 
+    def bytes_to_allocate(self, names: list[str]) -> int:
+        """Bytes of the new tensors (no live target) that reading `names` would allocate."""
+        keys = {key for name in names for key, _ in self._index.get(name, [])}
+        return sum(self.manifest.tensors[k].nbytes for k in keys if k not in self.made and self._live(k) is None)
+
+    def with_views(self) -> dict[str, torch.Tensor]:
+        """Every tensor made, plus the views of them that tied or shared tensors are."""
+        made = dict(self.made)
+        for key, entry in self.manifest.tensors.items():
+            if entry.view is not None and entry.view.base in made:
+                made[key] = make_view(made[entry.view.base], DTYPES[entry.dtype], entry.shape, entry.view)
+        return made
+
+    def _live(self, key: str) -> torch.Tensor | None:
+        entry = self.manifest.tensors[key]
+        live = self.targets.get(key)
+        fits = live is not None and live.dtype == DTYPES[entry.dtype] and list(live.shape) == entry.shape
+        return live if fits else None
+
     def _bytes(self, key: str) -> torch.Tensor:
         if key not in self.made:
             entry = self.manifest.tensors[key]
-            dtype = DTYPES[entry.dtype]
-            live = self.targets.get(key)
-            fits = live is not None and live.dtype == dtype and list(live.shape) == entry.shape
-            self.made[key] = live if fits else torch.empty(entry.shape, dtype=dtype)
+            live = self._live(key)
+            self.made[key] = live if live is not None else torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
         return self.made[key].reshape(-1).view(torch.uint8)
 
 

@@ -3,21 +3,28 @@
 A save has five phases. Only the first blocks training.
 
 1. Stage (training thread, every rank). The state dicts are split into JSON skeletons and
-   tensors (`tree`); the replicated tensors are planned into files spread over the ranks
-   (`plan`); each rank copies the bytes of *its* files, plus its private state, into host
-   buffers. Training may change the parameters as soon as this returns.
+   tensors (`tree`); tensors that share bytes are stored once (`aliases`); the replicated tensors
+   are planned into files spread over the ranks (`plan`); each rank copies the bytes of *its*
+   files, plus its own per-rank state, into reused host buffers (or, with fork staging, a child
+   process keeps a copy-on-write image of them). Training may change the parameters as soon as
+   this returns.
 2. Write (background thread, every rank). Each file goes into
    `snapshots/.pending/step_N.<nonce>/`, its CRC-32C computed on the way, and is fsynced.
-3. Report. Each rank puts a small JSON report under a store key: its files' sizes and CRCs
-   and its private skeletons, or its error. The store, not a collective, is the barrier: a
-   background thread must never issue collectives on the training group.
-4. Commit (rank 0). Rank 0 waits for every report, bounded by `snapshot.timeout_seconds`.
-   If one is missing or carries an error the pending dir is removed and nothing is committed.
-   Otherwise it writes `manifest.json` into the pending dir (fsynced), fsyncs that dir, renames
-   it to `snapshots/step_N` (**the commit point**), fsyncs `snapshots/`, then atomically
-   replaces `snapshots/latest`.
-5. Publish. Rank 0 puts the outcome under a store key; every rank's `wait()` returns it, or
+3. Report. Each rank puts a `ShardReport` under a store key: its files' sizes and CRCs and its
+   own skeletons, or its error. The store, not a collective, is the barrier: a background thread
+   must never issue collectives on the training group, and it uses a store client of its own.
+4. Commit (rank 0). Rank 0 waits for every report, until the save's deadline. If one is missing
+   or carries an error the pending dir is removed and nothing is committed. Otherwise it writes
+   `manifest.json` into the pending dir (checksummed, fsynced), fsyncs that dir, renames it to
+   `snapshots/step_N` (**the commit point**), fsyncs `snapshots/`, then atomically replaces
+   `snapshots/latest`. An error after the rename only warns: the snapshot is committed.
+5. Publish. Rank 0 puts the `Outcome` under a store key; every rank's `wait()` returns it, or
    raises it as a `SnapshotError`.
+
+One deadline, `snapshot.timeout_seconds` from the start of the save, bounds every wait of it: this
+rank's own write (a stuck disk, a writer process that never reports), rank 0's wait for the
+reports, and the wait for the outcome (plus a grace for rank 0 to commit). Past it the save
+fails like any other, and nothing of it is ever committed later.
 
 A crash at any instant leaves the last committed snapshot intact: before the rename, the new one
 lives only under `.pending/` (never read, removed on the next start); after it, the new one is
@@ -42,13 +49,18 @@ from dtrain.config import AUTO
 from dtrain.dist import DistContext
 from dtrain.errors import SnapshotError
 from dtrain.snapshot import checksum, layout
-from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, dtype_name
+from dtrain.snapshot.aliases import split_shared
+from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, View, dtype_name
 from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
-from dtrain.snapshot.staging import ForkedWriter, byte_view, can_fork, release
+from dtrain.snapshot.staging import ForkedWriter, PageReleaser, StagingBuffers, byte_view, can_fork
 from dtrain.snapshot.tree import as_bytes, flatten
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+COMMIT_GRACE_SECONDS = 60.0
+"""How long past the deadline the other ranks wait for rank 0 to write the manifest and rename."""
+
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -59,15 +71,54 @@ class SaveResult:
     commit_seconds: float
 
 
+@dataclass(frozen=True)
+class ShardReport:
+    """What one rank tells rank 0 once its files are durable (or could not be written)."""
+
+    rank: int
+    files: dict[str, FileEntry]
+    error: str | None
+    own: dict[str, Any]
+    """The JSON skeletons of this rank's own state (its RNG streams)."""
+    own_tensors: dict[str, TensorEntry]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: bytes) -> ShardReport:
+        raw = json.loads(text)
+        return cls(raw["rank"], {k: FileEntry(**f) for k, f in raw["files"].items()}, raw["error"], raw["own"],
+                   {k: _entry_from_json(e) for k, e in raw["own_tensors"].items()})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What rank 0 publishes once it committed a save, or gave it up."""
+
+    path: str | None
+    bytes: int = 0
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Outcome:
+        return cls(**json.loads(text))
+
+
 @dataclass
 class StagedSnapshot:
     """What one rank holds between staging and writing."""
 
     step: int
     pending: str
+    deadline: float
+    """`time.monotonic()` by which every wait of this save ends."""
     files: list[tuple[PlannedFile, list[memoryview]]]
-    private: dict[str, Any]
-    private_tensors: dict[str, TensorEntry]
+    own: dict[str, Any]
+    own_tensors: dict[str, TensorEntry]
     nbytes: int = 0
     unowned: list[memoryview] | None = None
     """Fork staging: views of the pieces other ranks write, which the child gives up at once."""
@@ -80,8 +131,9 @@ class StagedSnapshot:
 class PendingSnapshot:
     """A save in flight. `wait()` returns its `SaveResult` or raises the error it met."""
 
-    def __init__(self, step: int, work: Callable[[], SaveResult]) -> None:
+    def __init__(self, step: int, deadline: float, work: Callable[[], SaveResult]) -> None:
         self.step = step
+        self.deadline = deadline
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"dtrain-save-{step}", daemon=True)
@@ -101,7 +153,11 @@ class PendingSnapshot:
         return self._result if self.done() else None
 
     def wait(self) -> SaveResult:
-        self._thread.join()
+        """The result; raises what the save met, or SnapshotError once its deadline (and grace) passed."""
+        self._thread.join(max(0.0, self.deadline + COMMIT_GRACE_SECONDS + 5 - time.monotonic()))
+        if self._thread.is_alive():  # its thread stays blocked (a stuck disk); the save can no longer commit
+            raise SnapshotError(f"the save of step {self.step} did not finish within snapshot.timeout_seconds "
+                                "(a stuck disk or rank?); it was abandoned")
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -132,60 +188,88 @@ class SnapshotWriter:
         self.after_commit = after_commit
         self._in_flight: PendingSnapshot | None = None
         self._old_outcome_key: str | None = None
+        self._buffers = StagingBuffers()
 
-    def save(self, step: int, replicated: dict[str, Any], private: dict[str, Any],
+    def save(self, step: int, replicated: dict[str, Any], own: dict[str, Any],
              meta: dict[str, Any]) -> PendingSnapshot:
         """Stage now, write and commit in the background. Waits for a save still in flight first."""
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
-            previous.wait()
+            self._wait_previous(previous)
         start = time.perf_counter()
-        staged = self.stage(step, replicated, private, meta)
+        staged = self.stage(step, replicated, own, meta)
         if staged.unowned is not None:  # fork staging: a child process writes the shared image
-            child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes, self.budget_bytes)
+            child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes,
+                                 self.budget_bytes, staged.deadline)
             staged.files, staged.unowned = [], None
             write = child.report
         else:
             write = lambda: self._write_files(staged)  # noqa: E731
         staged.stall_seconds = time.perf_counter() - start
-        self._in_flight = PendingSnapshot(step, lambda: self._finish(staged, write))
+        self._in_flight = PendingSnapshot(step, staged.deadline, lambda: self._finish(staged, write))
         return self._in_flight
 
-    def stage(self, step: int, replicated: dict[str, Any], private: dict[str, Any],
+    def _wait_previous(self, previous: PendingSnapshot) -> SaveResult:
+        try:
+            return previous.wait()
+        except SnapshotError:
+            if not previous.done():  # its thread may still read the staging buffers: never reuse them
+                self._buffers = StagingBuffers()
+            raise
+
+    def stage(self, step: int, replicated: dict[str, Any], own: dict[str, Any],
               meta: dict[str, Any]) -> StagedSnapshot:
         """Plan the files and hold this rank's bytes: copied, or (fork staging) as views of the live tensors."""
         rank, world = self.ctx.rank, self.ctx.world_size
-        objects, tensors = {}, {}
+        objects, found = {}, {}
         for name, state in replicated.items():
-            objects[name], found = flatten(state, name)
-            tensors.update(found)
-        plan = plan_replicated({k: _nbytes(t) for k, t in tensors.items()}, world, self.file_bytes)
-        by_reference = self.staging == "fork" or (self.staging == AUTO and can_fork(tensors))
-        if by_reference:
-            tensors = {k: t.contiguous() for k, t in tensors.items()}
-        hold = _piece_views if by_reference else _copy_file
+            objects[name], tensors = flatten(state, name)
+            found.update(tensors)
+        shared = split_shared(found)
+        plan = plan_replicated({k: _nbytes(t) for k, t in shared.stored.items()}, world, self.file_bytes)
+        by_reference = self.staging == "fork"
+        if by_reference and not can_fork(shared.stored):
+            raise SnapshotError("snapshot.staging = 'fork' needs Linux and host tensors (a forked child cannot "
+                                "read GPU memory); use copy or auto")
+        tensors = _fork_safe(shared.stored) if by_reference else shared.stored
+        hold = _piece_views if by_reference else self._copy_file
         files = [(f, hold(f, tensors)) for f in plan if f.writer == rank]
-        private_skeletons, private_found = flatten(private, f"rank{rank:05d}")
-        private_file = plan_single_file(layout.rank_file(rank), {k: _nbytes(t) for k, t in private_found.items()}, rank)
-        files.append((private_file, _copy_file(private_file, private_found)))
+        own_skeletons, own_found = flatten(own, layout.own_prefix(rank))
+        own_shared = split_shared(own_found)
+        own_file = plan_single_file(layout.rank_file(rank), {k: _nbytes(t) for k, t in own_shared.stored.items()}, rank)
+        files.append((own_file, self._copy_file(own_file, own_shared.stored)))
+        self._buffers.keep_only({f.name for f, _ in files})
+        _synchronize_copies(tensors)
         staged = StagedSnapshot(
-            step=step, pending=layout.pending_path(step, self.ctx.nonce), files=files,
-            private=private_skeletons, private_tensors=_entries([private_file], private_found),
+            step=step, pending=layout.pending_path(step, self.ctx.nonce), deadline=time.monotonic() + self.timeout,
+            files=files, own=own_skeletons, own_tensors=_entries([own_file], own_shared.stored, own_shared.views),
             nbytes=sum(p.nbytes for f, _ in files for p in f.pieces),
             unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
         )
         if rank == 0:
             staged.meta = json.loads(json.dumps(meta))  # frozen now: later changes must not leak in
             staged.objects = json.loads(json.dumps(objects))
-            staged.replicated_tensors = _entries(plan, tensors)
+            staged.replicated_tensors = _entries(plan, shared.stored, shared.views)
         return staged
 
+    def _copy_file(self, planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
+        """The bytes of one planned file, copied off the live tensors (or the device) into its reused host buffer."""
+        pin = any(tensors[p.key].device.type == "cuda" for p in planned.pieces)
+        buf = self._buffers.get(planned.name, planned.nbytes, pin)
+        views: dict[str, torch.Tensor] = {}
+        for p in planned.pieces:
+            src = views.setdefault(p.key, as_bytes(tensors[p.key]))
+            buf[p.file_offset:p.file_offset + p.nbytes].copy_(src[p.tensor_offset:p.tensor_offset + p.nbytes],
+                                                              non_blocking=pin)
+        return [memoryview(buf.numpy())]
+
     def _write_in_child(self, staged: StagedSnapshot, wrote: Callable[[int], None]) -> dict[str, Any]:
+        pages = PageReleaser([v for _, chunks in staged.files for v in chunks])
         for view in staged.unowned:
-            release(view)
+            pages.release(view)
 
         def done(view: memoryview) -> None:
-            release(view)
+            pages.written(view)
             wrote(len(view))
 
         return self._write_files(staged, done)
@@ -194,37 +278,39 @@ class SnapshotWriter:
         """Background thread: write (or wait for the child that writes), report, commit or learn the outcome."""
         started = time.perf_counter()
         try:
-            report = write()
+            written = write()
         except SnapshotError as e:
-            report = {"files": {}, "error": f"rank {self.ctx.rank}: {e}", "private": {}, "private_tensors": {}}
+            written = {"files": {}, "error": f"rank {self.ctx.rank}: {e}"}
         staged.files = []  # release the staging buffers before waiting on other ranks
-        if report["error"]:
-            logger.warning("could not write the shard of step %d: %s", staged.step, report["error"])
+        report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written["files"].items()},
+                             written["error"], staged.own, staged.own_tensors)
+        if report.error:
+            logger.warning("could not write the shard of step %d: %s", staged.step, report.error)
+        store = self.ctx.save_store
         outcome_key = f"save/{staged.step}/outcome"
-        self.ctx.store.set(f"save/{staged.step}/report/{self.ctx.rank}", json.dumps(report))
+        store.set(f"save/{staged.step}/report/{self.ctx.rank}", report.to_json())
         if self.ctx.rank == 0:
             outcome = self._commit(staged)
-            self.ctx.store.set(outcome_key, json.dumps(outcome))
+            store.set(outcome_key, outcome.to_json())
         else:
-            outcome = self._await_outcome(outcome_key)
-        if outcome.get("error"):
-            raise SnapshotError(outcome["error"])
-        result = SaveResult(staged.step, outcome["path"], outcome["bytes"], staged.stall_seconds,
+            outcome = self._await_outcome(outcome_key, staged.deadline + COMMIT_GRACE_SECONDS)
+        if outcome.error:
+            raise SnapshotError(outcome.error)
+        result = SaveResult(staged.step, outcome.path, outcome.bytes, staged.stall_seconds,
                             time.perf_counter() - started)
         if self.ctx.rank == 0:
             self._committed(result, outcome_key)
         return result
 
     def _write_files(self, staged: StagedSnapshot, done: Callable[[memoryview], None] | None = None) -> dict[str, Any]:
-        report: dict[str, Any] = {"files": {}, "error": None, "private": staged.private,
-                                  "private_tensors": {k: asdict(e) for k, e in staged.private_tensors.items()}}
+        written: dict[str, Any] = {"files": {}, "error": None}
         try:
             self.storage.makedirs(staged.pending)
             for planned, chunks in staged.files:
-                report["files"][planned.name] = self._write_file(f"{staged.pending}/{planned.name}", chunks, done)
+                written["files"][planned.name] = self._write_file(f"{staged.pending}/{planned.name}", chunks, done)
         except Exception as e:  # no logging here: this may run in a forked child
-            report["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
-        return report
+            written["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
+        return written
 
     def _write_file(self, path: str, chunks: list[memoryview],
                     done: Callable[[memoryview], None] | None) -> dict[str, int]:
@@ -245,61 +331,73 @@ class SnapshotWriter:
             raise
         return {"bytes": size, "crc32c": crc, "writer": self.ctx.rank}
 
-    def _commit(self, staged: StagedSnapshot) -> dict[str, Any]:
+    def _commit(self, staged: StagedSnapshot) -> Outcome:
+        final = layout.committed_path(staged.step)
         try:
-            reports = self._gather_reports(staged.step)
-            errors = [r["error"] for r in reports if r["error"]]
+            reports = self._gather_reports(staged.step, staged.deadline)
+            errors = [r.error for r in reports if r.error]
             if errors:
                 raise SnapshotError("; ".join(errors))
             manifest = self._manifest(staged, reports)
-            self.storage.write_atomic(f"{staged.pending}/{layout.MANIFEST}", manifest.to_json().encode())
-            final = layout.committed_path(staged.step)
+            self.storage.write_atomic(f"{staged.pending}/{layout.MANIFEST}", manifest.to_bytes())
+            if time.monotonic() > staged.deadline:  # the other ranks may have given this save up
+                raise SnapshotError(f"its deadline passed (snapshot.timeout_seconds={self.timeout:g})")
             if self.storage.exists(final):  # a snapshot of this step that failed verification earlier
                 self.storage.rename(final, f"{layout.PENDING}/replaced-{layout.step_dir_name(staged.step)}.{self.ctx.nonce}")
             self.storage.rename(staged.pending, final)
-            self.storage.sync_dir(layout.SNAPSHOTS)
-            self.storage.write_atomic(layout.LATEST, f"{layout.step_dir_name(staged.step)}\n".encode())
-            return {"error": None, "path": final, "bytes": manifest.total_bytes}
         except Exception as e:
             self.storage.remove_tree(staged.pending)
-            return {"error": f"snapshot of step {staged.step} was not committed: {e}"}
+            return Outcome(None, error=f"snapshot of step {staged.step} was not committed: {e}")
+        self._after_rename(staged.step)
+        return Outcome(final, manifest.total_bytes)
 
-    def _gather_reports(self, step: int) -> list[dict[str, Any]]:
+    def _after_rename(self, step: int) -> None:
+        """Past the commit point: the snapshot is committed whatever fails here, so failures only warn."""
+        try:
+            self.storage.sync_dir(layout.SNAPSHOTS)
+            self.storage.write_atomic(layout.LATEST, f"{layout.step_dir_name(step)}\n".encode())
+        except Exception as e:
+            logger.warning("snapshot of step %d is committed, but updating %s failed (%s: %s); resume finds it "
+                           "by listing snapshots/", step, layout.LATEST, type(e).__name__, e)
+
+    def _gather_reports(self, step: int, deadline: float) -> list[ShardReport]:
+        store = self.ctx.save_store
         keys = [f"save/{step}/report/{r}" for r in range(self.ctx.world_size)]
         try:
-            self.ctx.store.wait(keys, _seconds(self.timeout))
+            store.wait(keys, _until(deadline))
         except Exception:
-            missing = [r for r, k in enumerate(keys) if not self.ctx.store.check([k])]
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
             raise SnapshotError(f"rank(s) {missing} did not report their shards within "
                                 f"snapshot.timeout_seconds={self.timeout:g}") from None
-        reports = [json.loads(self.ctx.store.get(k)) for k in keys]
+        reports = [ShardReport.from_json(store.get(k)) for k in keys]
         for k in keys:
-            self.ctx.store.delete_key(k)
+            store.delete_key(k)
         return reports
 
-    def _manifest(self, staged: StagedSnapshot, reports: list[dict[str, Any]]) -> Manifest:
+    def _manifest(self, staged: StagedSnapshot, reports: list[ShardReport]) -> Manifest:
         tensors = dict(staged.replicated_tensors)
         files: dict[str, FileEntry] = {}
         for r in reports:
-            files.update({name: FileEntry(**f) for name, f in r["files"].items()})
-            tensors.update({k: _entry_from_json(e) for k, e in r["private_tensors"].items()})
+            files.update(r.files)
+            tensors.update(r.own_tensors)
         return Manifest(
             step=staged.step, world_size=self.ctx.world_size, created_unix=time.time(),
             progress=staged.meta.get("progress", {}), metrics=staged.meta.get("metrics", {}),
             config=staged.meta.get("config", {}), versions=staged.meta.get("versions", {}),
-            objects=staged.objects, per_rank=[r["private"] for r in reports], tensors=tensors, files=files,
+            objects=staged.objects, per_rank=[r.own for r in reports], tensors=tensors, files=files,
         )
 
-    def _await_outcome(self, key: str) -> dict[str, Any]:
+    def _await_outcome(self, key: str, deadline: float) -> Outcome:
         try:
-            self.ctx.store.wait([key], _seconds(self.timeout + 60))
+            self.ctx.save_store.wait([key], _until(deadline))
         except Exception:
-            return {"error": f"rank 0 did not publish the outcome of this save within {self.timeout + 60:g}s"}
-        return json.loads(self.ctx.store.get(key))
+            return Outcome(None, error=f"rank 0 did not publish the outcome of this save within "
+                                       f"snapshot.timeout_seconds={self.timeout:g} (+{COMMIT_GRACE_SECONDS:g}s)")
+        return Outcome.from_json(self.ctx.save_store.get(key))
 
     def _committed(self, result: SaveResult, outcome_key: str) -> None:
         if self._old_outcome_key is not None:  # every rank has read it: each waited for it before this save
-            self.ctx.store.delete_key(self._old_outcome_key)
+            self.ctx.save_store.delete_key(self._old_outcome_key)
         self._old_outcome_key = outcome_key
         if self.after_commit is not None:
             self.after_commit(result)
@@ -307,21 +405,27 @@ class SnapshotWriter:
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight, if any."""
         pending, self._in_flight = self._in_flight, None
-        return pending.wait() if pending is not None else None
+        if pending is None:
+            return None
+        return self._wait_previous(pending)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _copy_file(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
-    """The bytes of one planned file, copied off the live tensors (or the device) into one host buffer."""
-    buf = torch.empty(planned.nbytes, dtype=torch.uint8)
-    views: dict[str, torch.Tensor] = {}
-    for p in planned.pieces:
-        src = views.setdefault(p.key, as_bytes(tensors[p.key]))
-        buf[p.file_offset:p.file_offset + p.nbytes].copy_(src[p.tensor_offset:p.tensor_offset + p.nbytes])
-    return [memoryview(buf.numpy())]
+def _fork_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous host tensors a forked child can read as they are now. Copy-on-write does not
+    protect shared memory (`share_memory_()`, a DataLoader's tensors): the child would see later
+    bytes, so those are copied here, as are non-contiguous tensors."""
+    return {k: t.clone(memory_format=torch.contiguous_format) if t.is_shared() else t.contiguous()
+            for k, t in tensors.items()}
+
+
+def _synchronize_copies(tensors: dict[str, torch.Tensor]) -> None:
+    """Device-to-host copies into pinned buffers are asynchronous: finish them before training goes on."""
+    if any(t.device.type == "cuda" for t in tensors.values()):
+        torch.cuda.synchronize()
 
 
 def _piece_views(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list[memoryview]:
@@ -331,17 +435,20 @@ def _piece_views(planned: PlannedFile, tensors: dict[str, torch.Tensor]) -> list
             for p in planned.pieces]
 
 
-def _entries(plan: list[PlannedFile], tensors: dict[str, torch.Tensor]) -> dict[str, TensorEntry]:
-    entries = {k: TensorEntry(dtype_name(t.dtype), list(t.shape), []) for k, t in tensors.items()}
+def _entries(plan: list[PlannedFile], stored: dict[str, torch.Tensor],
+             views: dict[str, tuple[torch.Tensor, View]]) -> dict[str, TensorEntry]:
+    entries = {k: TensorEntry(dtype_name(t.dtype), list(t.shape), []) for k, t in stored.items()}
     for planned in plan:
         for p in planned.pieces:
             entries[p.key].pieces.append(Piece(planned.name, p.file_offset, p.tensor_offset, p.nbytes))
+    entries.update({k: TensorEntry(dtype_name(t.dtype), list(t.shape), [], view) for k, (t, view) in views.items()})
     return entries
 
 
 def _entry_from_json(d: dict[str, Any]) -> TensorEntry:
-    return TensorEntry(d["dtype"], d["shape"], [Piece(**p) for p in d["pieces"]])
+    view = View(**d["view"]) if d.get("view") else None
+    return TensorEntry(d["dtype"], d["shape"], [Piece(**p) for p in d["pieces"]], view)
 
 
-def _seconds(s: float) -> timedelta:
-    return timedelta(seconds=s)
+def _until(deadline: float) -> timedelta:
+    return timedelta(seconds=max(0.01, deadline - time.monotonic()))
