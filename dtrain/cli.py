@@ -15,10 +15,12 @@ committed; run the same command again to resume). With `--check`: 0 ready, 2 bad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, PreemptedEr
 
 if TYPE_CHECKING:
     from dtrain.config import Config
+    from dtrain.dist import DistContext
     from dtrain.task import Task
 
 logger = logging.getLogger("dtrain")
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--check", action="store_true",
                        help="only check the config, the task's entry points and the run dir (for the world size "
                             "in $WORLD_SIZE, else 1); start and write nothing; exit 0 if ready, else 2")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume although train.seed or a task.* key differs from the snapshot's (the data "
+                            "order or the model changes: samples are repeated or skipped)")
     train.set_defaults(func=cmd_train)
 
     ckpt = commands.add_parser("ckpt", help="inspect and manage snapshots").add_subparsers(dest="ckpt", required=True)
@@ -107,13 +113,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg)
     try:
         run_dir = Path(args.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
-                            every=cfg.train.log_every_steps)
-        Trainer(cfg, task, LocalStorage(run_dir), ctx, reporter=reporter, preemption=preemption).fit()
+        with hold_run_dir(run_dir, ctx):
+            reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
+                                every=cfg.train.log_every_steps)
+            Trainer(cfg, task, LocalStorage(run_dir), ctx, reporter=reporter, preemption=preemption,
+                    allow_config_change=args.allow_config_change).fit()
         return signals.EXIT_OK
     finally:
         shutdown()
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds the run dir's lock for the run; if another job holds it, every rank raises
+    `RunDirLockedError` (exit 2) before anything in the run dir is touched."""
+    from dtrain.runlock import RunDirLock, RunDirLockedError
+
+    lock, refusal = RunDirLock(run_dir), ""
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except RunDirLockedError as e:
+            refusal = str(e)
+    refusal = ctx.exchange("run_dir_lock", refusal)[0]
+    if refusal:
+        raise RunDirLockedError(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def preflight(args: argparse.Namespace) -> tuple[Config, Task]:
@@ -122,14 +151,18 @@ def preflight(args: argparse.Namespace) -> tuple[Config, Task]:
     Launchers run it alone (`dtrain train --check`) before torchrun: a bad config then exits 2
     once, instead of in every worker of every restart.
     """
-    from dtrain.config import load_config, validate_for_world
-    from dtrain.dist import env_world_size
+    from dtrain.config import load_config, validate_for_world, validate_staging_for_device
+    from dtrain.dist import env_world_size, planned_device_type
+    from dtrain.runlock import probe
     from dtrain.task import load_task
 
     cfg = load_config(args.config, args.set)
     validate_for_world(cfg, env_world_size())
+    validate_staging_for_device(cfg, planned_device_type(cfg))
     task = load_task(cfg.task)
     check_run_dir(Path(args.run_dir))
+    if Path(args.run_dir).is_dir():
+        probe(Path(args.run_dir))
     return cfg, task
 
 
@@ -148,13 +181,16 @@ def check_run_dir(run_dir: Path) -> None:
             existing = existing.parent
         for path, is_dir in [(existing, True), (run_dir / SNAPSHOTS, True), (run_dir / PENDING, True),
                              (run_dir / METRICS, False)]:
-            if path == existing or path.exists():
+            if path == existing or path.exists() or path.is_symlink():
                 _require_writable(run_dir, path, is_dir, fix)
     except OSError as e:  # an ancestor that cannot be searched
         raise ConfigError(f"--run-dir {run_dir}: {e.filename} cannot be reached ({e.strerror}); {fix}") from None
 
 
 def _require_writable(run_dir: Path, path: Path, is_dir: bool, fix: str) -> None:
+    if path != run_dir and path.is_relative_to(run_dir) and path.is_symlink():  # snapshots are read only through real directories
+        raise ConfigError(f"--run-dir {run_dir}: {path} is a symlink; dtrain keeps snapshots in real directories "
+                          "inside the run dir (point --run-dir itself at other storage instead)")
     if is_dir and not path.is_dir():
         raise ConfigError(f"--run-dir {run_dir}: {path} is not a directory; {fix}")
     if not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dtrain import __version__
-from dtrain.config import Config
+from dtrain.config import Config, check_resume_config
 from dtrain.data import GlobalOrder, collate, rank_share, share_bounds
 from dtrain.dist import DistContext
 from dtrain.errors import PreemptedError
@@ -60,8 +60,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: Task, storage: Storage, ctx: DistContext,
                  reporter: Reporter | None = None, preemption: PreemptionFlag | None = None,
-                 on_batch: BatchHook | None = None) -> None:
+                 on_batch: BatchHook | None = None, allow_config_change: bool = False) -> None:
         self.cfg, self.task, self.ctx = cfg, task, ctx
+        self.allow_config_change = allow_config_change
         self.preemption = preemption or PreemptionFlag()
         self.on_batch = on_batch
         seed_all(cfg.train.seed, 0, 0)  # identical init on every rank
@@ -98,6 +99,7 @@ class Trainer:
             seed_all(self.cfg.train.seed, 0, self.ctx.rank)
             logger.info("starting a new run at world size %d", self.ctx.world_size)
             return None
+        self.check_config(restored.manifest.config)
         self.load(restored)
         m = restored.manifest
         how = "" if m.world_size == self.ctx.world_size else f", resharded from world size {m.world_size}"
@@ -106,6 +108,15 @@ class Trainer:
         self.reporter.record({"event": "resume", "step": m.step, "saved_world_size": m.world_size,
                               "world_size": self.ctx.world_size})
         return m.step
+
+    def check_config(self, saved: dict[str, Any]) -> None:
+        """Refuse (exit 2) a resume whose data order or model differs from the snapshot's, unless allowed;
+        log every other change, which applies from here on."""
+        changes = check_resume_config(saved, self.cfg, self.allow_config_change)
+        for change in changes.defining:
+            logger.warning("config change accepted by --allow-config-change: %s", change)
+        for change in changes.applied:
+            logger.info("config change applied on resume: %s", change)
 
     def load(self, restored: Restored) -> None:
         objects = restored.objects
