@@ -66,7 +66,7 @@ class SnapshotConfig:
     file_mb: int = 64
     """Target size of one shard file; large tensors are split across files of this size."""
     staging: str = AUTO
-    """How a save is staged: `copy` (host copy, then background write), `fork` (copy-on-write child), `auto`."""
+    """How a save is staged: `copy` (into reused host buffers, then a background write; `auto` is copy) or `fork` (a copy-on-write child)."""
     memory_budget_mb: int = 0
     """Fork staging: bound on the host memory a save may hold once training goes on (0: this rank's share); a lower bound lengthens the stall."""
     mtbf_seconds: float = 3600.0

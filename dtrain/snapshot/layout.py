@@ -1,6 +1,7 @@
 """Names on disk inside a run dir. Steps are zero-padded so lexical order is numeric order.
 
     RUN_DIR/
+      .lock                             flock held by rank 0 for the run (dtrain.runlock)
       metrics.jsonl                     one JSON object per line, appended by rank 0
       snapshots/
         latest                          name of the newest committed snapshot (a convenience)
@@ -9,7 +10,7 @@
           replicated-00000.bin          model/optimizer bytes, spread over the writing ranks
           rank-00001.bin                per-rank state of rank 1 (its RNG)
         .pending/                       in-flight and abandoned saves; never read, cleaned on start
-        .latest.tmp-<pid>               a `latest` update a kill interrupted; removed on start
+        .latest.tmp-<pid>-<hex>         a `latest` update a kill interrupted; removed on start
 """
 
 from __future__ import annotations
