@@ -15,21 +15,18 @@ committed; run the same command again to resume). With `--check`: 0 ready, 2 bad
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtrain import signals
-from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, PreemptedError
+from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, Preempted
 
 if TYPE_CHECKING:
     from dtrain.config import Config
-    from dtrain.dist import DistContext
     from dtrain.task import Task
 
 logger = logging.getLogger("dtrain")
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dtrain: config error: {e}", file=sys.stderr)
         return signals.EXIT_CONFIG
-    except PreemptedError as e:
+    except Preempted as e:
         logger.warning("%s", e)
         return signals.EXIT_PREEMPTED
     except DTrainError as e:
@@ -102,47 +99,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dtrain.dist import init_distributed, shutdown
     from dtrain.report import Reporter
     from dtrain.snapshot.layout import METRICS
-    from dtrain.storage import LocalStorage
     from dtrain.trainer import Trainer
 
     cfg, task = preflight(args)  # every check before the run dir is touched
     if args.check:
         print(f"dtrain: ready: config, task and run dir {args.run_dir} check out; nothing was started")
         return signals.EXIT_OK
-    preemption = signals.PreemptionFlag()
     ctx = init_distributed(cfg)
     try:
         run_dir = Path(args.run_dir)
-        with hold_run_dir(run_dir, ctx):
-            reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
-                                every=cfg.train.log_every_steps)
-            Trainer(cfg, task, LocalStorage(run_dir), ctx, reporter=reporter, preemption=preemption,
-                    allow_config_change=args.allow_config_change).fit()
+        reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
+                            every=cfg.train.log_every_steps)
+        Trainer(cfg, task, run_dir, ctx, reporter=reporter, allow_config_change=args.allow_config_change).fit()
         return signals.EXIT_OK
     finally:
         shutdown()
-
-
-@contextlib.contextmanager
-def hold_run_dir(run_dir: Path, ctx: DistContext) -> Iterator[None]:
-    """Rank 0 holds the run dir's lock for the run; if another job holds it, every rank raises
-    `RunDirLockedError` (exit 2) before anything in the run dir is touched."""
-    from dtrain.runlock import RunDirLock, RunDirLockedError
-
-    lock, refusal = RunDirLock(run_dir), ""
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except RunDirLockedError as e:
-            refusal = str(e)
-    refusal = ctx.exchange("run_dir_lock", refusal)[0]
-    if refusal:
-        raise RunDirLockedError(refusal)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def preflight(args: argparse.Namespace) -> tuple[Config, Task]:
@@ -199,18 +170,12 @@ def _require_writable(run_dir: Path, path: Path, is_dir: bool, fix: str) -> None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from dtrain.snapshot import reader
+    from dtrain.snapshot import catalog
 
-    storage = _run_storage(Path(args.run_dir))
-    rows = []
-    for step in reader.committed_steps(storage):
-        try:
-            m = reader.read_manifest(storage, step)
-        except DTrainError as e:
-            logger.warning("%s", e)
-            continue
-        rows.append({"step": m.step, "path": str(storage.path(_snapshot_rel(step))), "world_size": m.world_size,
-                     "metrics": m.metrics, "bytes": m.total_bytes, "created_unix": m.created_unix})
+    storage = catalog.open_run_dir(Path(args.run_dir))
+    rows = [{"step": m.step, "path": catalog.snapshot_path(storage, m.step), "world_size": m.world_size,
+             "metrics": m.metrics, "bytes": m.total_bytes, "created_unix": m.created_unix}
+            for m in catalog.readable_manifests(storage).values()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -224,14 +189,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from dtrain.snapshot import reader
+    from dtrain.snapshot import catalog
 
-    storage, step = _resolve_snapshot(Path(args.snapshot))
-    m = reader.read_manifest(storage, step)
+    storage, step = catalog.resolve(Path(args.snapshot))
+    m = catalog.read_manifest(storage, catalog.newest_step(storage) if step is None else step)
     if args.json:
         print(json.dumps(asdict(m), indent=2))
         return 0
-    print(f"snapshot     {storage.path(_snapshot_rel(step))}")
+    print(f"snapshot     {catalog.snapshot_path(storage, m.step)}")
     print(f"step         {m.step}")
     print(f"world size   {m.world_size}")
     print(f"progress     {json.dumps(m.progress)}")
@@ -240,27 +205,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"files        {len(m.files)} ({m.total_bytes / 1e6:.2f} MB)")
     for name, f in sorted(m.files.items()):
         print(f"  {name:<24} {f.bytes:>12} bytes  crc32c {f.crc32c:08x}  written by rank {f.writer}")
-    print(f"tensors      {len(m.tensors)}")
+    print(f"tensors      {len(m.tensors)} ({sum(1 for t in m.tensors.values() if t.view)} stored as views of shared bytes)")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dtrain.snapshot import reader
+    from dtrain.snapshot import catalog, reader
 
-    target = Path(args.target)
-    if _is_snapshot_dir(target):
-        storage, step = _resolve_snapshot(target)
-        steps = [step]
-    else:
-        storage = _run_storage(target)
-        steps = reader.committed_steps(storage)
-        if not steps:
-            raise NoSnapshotError(f"{target}: no committed snapshot to verify")
+    storage, step = catalog.resolve(Path(args.target))
+    steps = catalog.committed_steps(storage) if step is None else [step]
+    if not steps:
+        raise NoSnapshotError(f"{args.target}: no committed snapshot to verify")
     bad = 0
     for step in steps:
         problems = reader.verify(storage, step)
-        where = storage.path(_snapshot_rel(step))
-        print(f"{'OK ' if not problems else 'BAD'} {where}")
+        print(f"{'OK ' if not problems else 'BAD'} {catalog.snapshot_path(storage, step)}")
         for p in problems:
             print(f"    {p}")
         bad += bool(problems)
@@ -269,56 +228,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dtrain.export import export_safetensors
+    from dtrain.snapshot import catalog
 
-    target = Path(args.target)
-    if _is_snapshot_dir(target):
-        storage, step = _resolve_snapshot(target)
-    else:
-        storage, step = _run_storage(target), None
+    storage, step = catalog.resolve(Path(args.target))
     written = export_safetensors(storage, step, Path(args.out), best=args.best)
     print(f"exported step {written} to {args.out}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from dtrain.export import prune_run
+    """Retention by the run's own settings, never deleting the newest snapshot; refused while a job holds the run dir."""
+    from dtrain.runlock import RunDirLock
+    from dtrain.snapshot import catalog
 
-    deleted = prune_run(_run_storage(Path(args.run_dir)))
+    storage = catalog.open_run_dir(Path(args.run_dir))
+    with RunDirLock(Path(args.run_dir)):
+        deleted = catalog.prune(storage, catalog.run_snapshot_config(storage),
+                                protected=frozenset({catalog.newest_step(storage)}))
     print(f"deleted {len(deleted)} snapshot(s): {deleted}")
     return 0
-
-
-def _snapshot_rel(step: int) -> str:
-    from dtrain.snapshot.layout import committed_path
-
-    return committed_path(step)
-
-
-def _is_snapshot_dir(path: Path) -> bool:
-    from dtrain.snapshot.layout import parse_step_dir
-
-    return parse_step_dir(path.name) is not None
-
-
-def _resolve_snapshot(path: Path) -> tuple[Any, int]:
-    """(storage of its run dir, step) for a snapshot dir, or for a run dir's newest snapshot."""
-    from dtrain.snapshot import reader
-    from dtrain.snapshot.layout import parse_step_dir
-    from dtrain.storage import LocalStorage
-
-    step = parse_step_dir(path.name)
-    if step is not None:
-        if not path.is_dir():
-            raise NoSnapshotError(f"{path}: no such snapshot directory")
-        return LocalStorage(path.parent.parent), step
-    storage = _run_storage(path)
-    return storage, reader.newest_step(storage)
-
-
-def _run_storage(path: Path) -> Any:
-    from dtrain.snapshot.layout import SNAPSHOTS
-    from dtrain.storage import LocalStorage
-
-    if not (path / SNAPSHOTS).is_dir():
-        raise NoSnapshotError(f"{path}: not a run dir (no {SNAPSHOTS}/ inside); pass the --run-dir of a training run")
-    return LocalStorage(path)

@@ -70,6 +70,14 @@ class GlobalOrder:
             return Cursor(cursor.epoch + 1, 0)
         return Cursor(cursor.epoch, end)
 
+    def advance_by(self, cursor: Cursor, batches: int) -> Cursor:
+        """The cursor after `batches` more global batches, in O(1)."""
+        left = -(-(self.num_samples - cursor.offset) // self.global_batch_size)  # batches to finish this epoch
+        if batches < left:
+            return Cursor(cursor.epoch, cursor.offset + batches * self.global_batch_size)
+        epochs, batches = divmod(batches - left, self.steps_per_epoch())
+        return Cursor(cursor.epoch + 1 + epochs, batches * self.global_batch_size)
+
     def steps_per_epoch(self) -> int:
         return -(-self.num_samples // self.global_batch_size)
 

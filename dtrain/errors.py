@@ -30,5 +30,17 @@ class NoSnapshotError(SnapshotError):
     """A run dir holds no committed snapshot where one is required."""
 
 
-class PreemptedError(DTrainError):
-    """Training stopped on a preemption signal after its emergency snapshot was committed."""
+class Preempted(SystemExit):
+    """Training stopped at `step` on a preemption signal (SIGTERM, SIGUSR1) once that step's snapshot
+    was committed. A `SystemExit` with code 75 (EX_TEMPFAIL): uncaught, the process exits 75, which
+    launchers read as "requeue and run the same command to resume", and `except Exception` in a
+    training loop does not swallow it."""
+
+    EXIT_CODE = 75
+
+    def __init__(self, step: int) -> None:
+        super().__init__(self.EXIT_CODE)
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"preempted at step {self.step}; its snapshot is committed, restart to resume"

@@ -1,4 +1,4 @@
-"""Model weights out of a snapshot, for inference; and retention applied by hand."""
+"""Model weights out of a snapshot, for inference."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dtrain.config import SnapshotConfig
-from dtrain.dist import solo_context
-from dtrain.errors import NoSnapshotError
-from dtrain.snapshot import reader, retention
-from dtrain.snapshot.manager import SnapshotManager
+from dtrain.snapshot import catalog, reader
 from dtrain.snapshot.tree import unflatten
 from dtrain.storage import Storage
 
@@ -26,7 +22,7 @@ def export_safetensors(storage: Storage, step: int | None, out: Path, best: bool
     runs, so equal weights give equal bytes.
     """
     if step is None:
-        step = best_step(storage) if best else reader.newest_step(storage)
+        step = catalog.best_step(storage) if best else catalog.newest_step(storage)
     manifest, tensors = reader.read_tensors(storage, step, "model/")
     state = unflatten(manifest.objects["model"], tensors)
     weights = _unshared({name: t for name, t in state.items() if isinstance(t, torch.Tensor)})
@@ -46,28 +42,3 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = t.contiguous() if ptr not in seen or t.numel() == 0 else t.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
     return out
-
-
-def best_step(storage: Storage) -> int:
-    """The best committed snapshot by the run's own `snapshot.best_metric` and `best_mode`."""
-    cfg = _run_snapshot_config(storage)
-    infos = [retention.SnapshotInfo(s, reader.read_manifest(storage, s).metrics.get(cfg.best_metric))
-             for s in reader.committed_steps(storage)]
-    ranked = retention.best(infos, 1, cfg.best_mode)
-    if not ranked:
-        raise NoSnapshotError(f"no committed snapshot records the metric {cfg.best_metric!r}; "
-                              "export the newest instead (drop --best)")
-    return ranked[0].step
-
-
-def prune_run(storage: Storage) -> list[int]:
-    """Apply the retention policy of the run's newest snapshot now."""
-    manager = SnapshotManager(storage, _run_snapshot_config(storage), solo_context())
-    return manager.prune(protected=frozenset({reader.newest_step(storage)}))
-
-
-def _run_snapshot_config(storage: Storage) -> SnapshotConfig:
-    from dtrain.config import config_from_dict
-
-    manifest = reader.read_manifest(storage, reader.newest_step(storage))
-    return config_from_dict({"snapshot": manifest.config.get("snapshot", {})}).snapshot

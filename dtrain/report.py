@@ -14,12 +14,25 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object a line, appended; a no-op where `path` is None (ranks but 0)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+
+
 class Reporter:
     """Rank 0's progress bar (on a terminal) or log lines (otherwise), and the metrics log."""
 
     def __init__(self, metrics_path: Path | None, total_steps: int, start_step: int, enabled: bool,
                  every: int) -> None:
-        self.metrics_path = metrics_path if enabled else None
+        self.log = MetricsLog(metrics_path if enabled else None)
         self.every = every
         self.enabled = enabled
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) \
@@ -35,10 +48,7 @@ class Reporter:
 
     def record(self, row: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (rank 0 only)."""
-        if self.metrics_path is None:
-            return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        self.log.record(row)
 
     def close(self) -> None:
         if self._bar is not None:

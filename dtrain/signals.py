@@ -3,7 +3,7 @@
 SLURM (`--signal`, `scancel`), Kubernetes (pod deletion) and torchrun (on its own SIGTERM) all
 deliver SIGTERM, or SIGUSR1 ahead of time, to the workers. The handler only records the signal;
 the training loop all-reduces the flag once per step, so every rank stops at the same step, saves
-it, and exits with `EXIT_PREEMPTED`.
+it, and exits with `EXIT_PREEMPTED` (`dtrain.Preempted`).
 """
 
 from __future__ import annotations
@@ -43,3 +43,8 @@ class PreemptionFlag:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
+
+
+def signal_name(signum: int | None) -> str:
+    """`SIGTERM` for 15; empty for no signal (this rank received none)."""
+    return "" if signum is None else signal.Signals(signum).name

@@ -1,4 +1,4 @@
-"""What a snapshot captures besides the model and optimizer: progress, and per-rank RNG.
+"""What a snapshot asks of the objects it saves (`Stateful`), and each rank's generators.
 
 `Stateful` is the whole protocol a snapshot needs from an object. RNG on resume: when the world
 size is unchanged each rank gets its own saved generators back, so the resumed run is the same
@@ -9,13 +9,15 @@ generators from `(seed, step, rank)`: still reproducible, and distinct per rank.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from dtrain.data import Cursor
+from dtrain import __version__
+
+RNG_KEY = "rng"
+"""The key of a rank's generators among its per-rank state."""
 
 
 @runtime_checkable
@@ -23,23 +25,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class TrainProgress:
-    """Where training stands: optimizer steps taken, samples consumed, the data cursor."""
-
-    step: int = 0
-    samples_seen: int = 0
-    cursor: Cursor = field(default_factory=Cursor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen, "cursor": self.cursor.to_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.samples_seen = int(state["samples_seen"])
-        self.cursor = Cursor.from_dict(state["cursor"])
 
 
 class RNGState:
@@ -70,6 +55,14 @@ def seed_all(seed: int, step: int, rank: int) -> None:
     random.seed(value)
     np.random.seed(int(mixed[1]) % (1 << 32))
     torch.manual_seed(value)
+
+
+def versions() -> dict[str, str]:
+    """What a snapshot records of the software that wrote it."""
+    import platform
+
+    return {"dtrain": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
 
 
 def _python_state_to_json(state: tuple) -> list:

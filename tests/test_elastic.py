@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.snapshot import reader
+from dtrain.snapshot import catalog, reader
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
 from tests.workloads import train
@@ -70,7 +70,7 @@ def test_resumed_runs_record_their_world_size_and_restore_resharded(elastic_run:
     assert [r["resumed_from"] for r in phases[1]] == [5, 5, 5]
     assert [r["resumed_from"] for r in phases[2]] == [11]
     storage = LocalStorage(run_dir)
-    worlds = {s: reader.read_manifest(storage, s).world_size for s in reader.committed_steps(storage)}
+    worlds = {s: catalog.read_manifest(storage, s).world_size for s in catalog.committed_steps(storage)}
     assert worlds[PHASES[-1][1]] == 1 and worlds.get(9, 3) == 3
 
 

@@ -57,7 +57,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrain.snapshot import reader
+from dtrain.snapshot import catalog, reader
 from dtrain.storage import LocalStorage
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
 from tests.procs import kill, kill_tree, wait_for, workers
@@ -136,7 +136,7 @@ def _worlds(run_dir: Path) -> dict[int, int]:
     storage = LocalStorage(run_dir)
     if not (run_dir / "snapshots").is_dir():
         return {}
-    return {s: reader.read_manifest(storage, s).world_size for s in reader.committed_steps(storage)}
+    return {s: catalog.read_manifest(storage, s).world_size for s in catalog.committed_steps(storage)}
 
 
 def _resumed(saved: int, world: int, *logs: tuple[Agent, int]) -> re.Match | None:

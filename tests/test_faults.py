@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
 from tests.procs import wait_for
@@ -47,13 +47,13 @@ def test_disk_full_keeps_the_committed_snapshot_and_stops_after_repeated_failure
         assert r["error"] and "No space left on device" in r["error"], r["error"]
         assert "2 failed save(s) in a row" in r["error"]
     storage = LocalStorage(run_dir)
-    assert reader.committed_steps(storage) == [10]
+    assert catalog.committed_steps(storage) == [10]
     assert reader.verify(storage, 10) == []
     assert storage.listdir(layout.PENDING) == []  # the partial saves were removed
     (small_disk / "filler").unlink()  # space comes back: the next start resumes from the snapshot that survived
     resumed = run_ranks(train, 2, str(run_dir), BIG)
     assert [r["resumed_from"] for r in resumed] == [10, 10] and all(r["error"] is None for r in resumed)
-    assert reader.committed_steps(storage) == [30]
+    assert catalog.committed_steps(storage) == [30]
 
 
 def test_read_only_disk_mid_run_damages_nothing(small_disk: Path) -> None:
@@ -72,7 +72,7 @@ def test_read_only_disk_mid_run_damages_nothing(small_disk: Path) -> None:
     for r in outcome["r"]:
         assert r["error"] and "Read-only file system" in r["error"], r["error"]
     storage = LocalStorage(run_dir)
-    committed = reader.committed_steps(storage)
+    committed = catalog.committed_steps(storage)
     assert committed and all(reader.verify(storage, s) == [] for s in committed)
 
 
@@ -82,5 +82,5 @@ def test_slow_disk_does_not_stall_training(tmp_path: Path) -> None:
         assert r["steps"] == 40 and r["writes"] >= 4
         assert r["overlapped"] >= 4, "training did not go on while shards were written"
     storage = LocalStorage(tmp_path)
-    assert reader.committed_steps(storage)[-1] == 40
-    assert all(reader.verify(storage, s) == [] for s in reader.committed_steps(storage))
+    assert catalog.committed_steps(storage)[-1] == 40
+    assert all(reader.verify(storage, s) == [] for s in catalog.committed_steps(storage))

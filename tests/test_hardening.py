@@ -20,7 +20,7 @@ import torch
 
 from dtrain.dist import solo_context
 from dtrain.errors import SnapshotError
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.manifest import with_header
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
@@ -193,10 +193,10 @@ def test_a_stopped_writer_process_fails_the_save_at_its_deadline_and_is_killed(t
         writer.wait()
     assert time.monotonic() - started < 10
     assert not Path(f"/proc/{child}").exists()  # killed and reaped, not left behind
-    assert reader.committed_steps(storage) == [1]
+    assert catalog.committed_steps(storage) == [1]
     assert storage.listdir(layout.PENDING) == []  # the partial save was removed
     writer.save(3, _model_state(), {}, {}).wait()  # the next save goes through
-    assert reader.committed_steps(storage) == [1, 3]
+    assert catalog.committed_steps(storage) == [1, 3]
 
 
 class _StuckDisk(LocalStorage):
@@ -221,7 +221,7 @@ def test_a_stuck_disk_fails_the_save_at_its_deadline_and_it_never_commits_later(
         writer_wait_bounded(pending, grace=0)
     storage.release.set()  # the disk comes back after the save was given up
     wait_for(pending.done, 30, "the abandoned save's thread to end")
-    assert reader.committed_steps(storage) == [1]
+    assert catalog.committed_steps(storage) == [1]
 
 
 def writer_wait_bounded(pending, grace: float) -> None:
@@ -258,7 +258,7 @@ def test_an_error_after_the_commit_point_reports_the_snapshot_committed(tmp_path
     storage = _LatestFails(tmp_path)
     result = SnapshotWriter(storage, solo_context()).save(4, _model_state(), {}, {}).wait()
     assert result.path == layout.committed_path(4)
-    assert reader.committed_steps(storage) == [4] and reader.verify(storage, 4) == []
+    assert catalog.committed_steps(storage) == [4] and reader.verify(storage, 4) == []
     assert "is committed, but updating snapshots/latest failed" in caplog.text
 
 
@@ -294,7 +294,7 @@ def test_a_second_job_on_a_run_dir_in_use_exits_2_naming_the_holder(tmp_path: Pa
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        wait_for(lambda: reader.committed_steps(LocalStorage(run_dir)) if (run_dir / "snapshots").is_dir() else [],
+        wait_for(lambda: catalog.committed_steps(LocalStorage(run_dir)) if (run_dir / "snapshots").is_dir() else [],
                  120, "the first job's first commit")
         for check in ([], ["--check"]):
             second = run(dtrain_cmd("train", *check, "--run-dir", str(run_dir), *SMALL), timeout=120)

@@ -14,9 +14,10 @@ import torch
 
 from dtrain.config import SnapshotConfig
 from dtrain.dist import solo_context
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
-from dtrain.snapshot.manager import _AUTO_FIRST_STEP, SnapshotManager
+from dtrain.snapshot.manager import SnapshotManager
+from dtrain.snapshot.policy import AUTO_FIRST_STEP, EverySeconds, Progress, YoungDaly, policies_from
 from dtrain.storage import LocalStorage
 
 STEP_SECONDS = 0.01
@@ -67,7 +68,7 @@ def test_a_start_removes_what_killed_saves_left_and_keeps_every_committed_snapsh
     assert stray.exists() is not cleans
     assert abandoned.exists() is not cleans
     assert _digest(tmp_path) == committed  # every committed file and `latest`, byte for byte
-    assert reader.committed_steps(storage) == [5, 10]
+    assert catalog.committed_steps(storage) == [5, 10]
     assert reader.verify(storage, 10) == []
     assert (tmp_path / layout.LATEST).read_text() == "step_000000010\n"
 
@@ -143,12 +144,12 @@ def test_a_save_started_before_the_last_committed_closes_its_measurement() -> No
     assert meter.save_seconds == pytest.approx((0.02 + 0.04) / 2)
 
 
-def test_auto_before_any_measurement_saves_after_the_bootstrap_interval(tmp_path: Path) -> None:
-    manager = SnapshotManager(LocalStorage(tmp_path), SnapshotConfig(every_steps="auto"), solo_context())
-    assert manager.auto_interval() is None
-    assert [s for s in range(1, 3 * _AUTO_FIRST_STEP) if manager.is_step_due(s)][0] == _AUTO_FIRST_STEP
-    manager.observe_iteration(STEP_SECONDS)  # a step time alone is no save cost: still the bootstrap
-    assert manager.auto_interval() is None and manager.is_step_due(_AUTO_FIRST_STEP)
+def test_auto_before_any_measurement_saves_after_the_bootstrap_interval() -> None:
+    auto = YoungDaly(mtbf_seconds=3600)
+    assert auto.interval() is None
+    assert [s for s in range(1, 3 * AUTO_FIRST_STEP) if auto.is_due(Progress(s))][0] == AUTO_FIRST_STEP
+    auto.observe(STEP_SECONDS, saving=False)  # a step time alone is no save cost: still the bootstrap
+    assert auto.interval() is None and auto.is_due(Progress(AUTO_FIRST_STEP))
 
 
 class GatedStorage(LocalStorage):
@@ -176,29 +177,49 @@ def test_auto_after_a_resume_counts_from_the_resumed_step_then_follows_the_measu
     gate = threading.Event()
     manager = SnapshotManager(GatedStorage(tmp_path, gate), cfg, solo_context())  # the restarted process
     manager.prepare_run_dir()
-    assert manager.restore_latest() is not None and manager.last_saved_step == resumed
-    bootstrap = resumed + _AUTO_FIRST_STEP
+    assert manager.restore_latest() is not None and manager.last_started_step == resumed
+    [auto] = policies_from(cfg, start_step=resumed)
+    bootstrap = resumed + AUTO_FIRST_STEP
     due = []
     for step in range(resumed + 1, bootstrap + 1):
-        due += [step] if manager.is_step_due(step) else []
-        manager.observe_iteration(STEP_SECONDS)
+        due += [step] if auto.is_due(Progress(step)) else []
+        auto.observe(STEP_SECONDS, saving=False)
     assert due == [bootstrap]
 
     pending = _save(manager, bootstrap)
-    manager.observe_iteration(STEP_SECONDS + 0.04)  # the iteration that saved, 40 ms slower than clean
-    assert not manager.is_step_due(bootstrap + 10_000)  # no second save while the first is measured
-    manager.observe_iteration(STEP_SECONDS + 0.02)  # still writing: slowed by it
+    auto.saved(Progress(bootstrap))
+    auto.save_started(stall_seconds=0.0001)
+    auto.observe(STEP_SECONDS + 0.04, saving=True)  # the iteration that saved, 40 ms slower than clean
+    assert not auto.is_due(Progress(bootstrap + 10_000))  # no second save while the first is measured
+    auto.observe(STEP_SECONDS + 0.02, saving=True)  # still writing: slowed by it
     time.sleep(0.3)
     gate.set()
-    result = pending.wait()  # committed; the manager reads its timings without waiting
-    manager.observe_iteration(STEP_SECONDS + 0.01)  # the one it committed in
+    result = pending.wait()
+    auto.write_seconds = result.commit_seconds
+    auto.observe(STEP_SECONDS + 0.01, saving=False)  # the one it committed in
 
-    assert not manager.is_step_due(bootstrap)  # (also takes the write time)
-    assert manager.cost.save_seconds == pytest.approx(0.07)  # its stall, microseconds, is less
+    assert auto.meter.save_seconds == pytest.approx(0.07)  # its stall, microseconds, is less
     seconds = max(math.sqrt(2 * 0.07 * mtbf), result.commit_seconds)
     interval = math.ceil(seconds / STEP_SECONDS)
-    assert manager.auto_interval() == interval
+    assert auto.interval() == interval
     assert interval * STEP_SECONDS >= result.commit_seconds >= 0.3  # never sooner than the write took
-    due = [s for s in range(bootstrap + 1, bootstrap + interval + 1) if manager.is_step_due(s)]
-    assert due == [bootstrap + interval]  # counted from the last save, again and again
+    due = [s for s in range(bootstrap + 1, bootstrap + interval + 1) if auto.is_due(Progress(s))]
+    assert due == [bootstrap + interval]  # counted from the last save
     manager.wait()
+
+
+@pytest.mark.parametrize("cfg, step, epoch_ended, now, due", [
+    (SnapshotConfig(every_steps=5), 10, False, 0.0, ["interval"]),
+    (SnapshotConfig(every_steps=5), 11, False, 0.0, []),
+    (SnapshotConfig(every_steps=0), 10, False, 0.0, []),
+    (SnapshotConfig(every_steps=0, every_seconds=30), 1, False, 31.0, ["time"]),
+    (SnapshotConfig(every_steps=0, every_seconds=30), 1, False, 29.0, []),
+    (SnapshotConfig(every_steps=7, at_epoch_end=True), 3, True, 0.0, ["epoch end"]),
+    (SnapshotConfig(every_steps=3, at_epoch_end=True), 3, True, 0.0, ["interval", "epoch end"]),
+], ids=["every-n", "not-n", "never", "seconds", "not-yet", "epoch-end", "both"])
+def test_save_policies(cfg: SnapshotConfig, step: int, epoch_ended: bool, now: float, due: list[str]) -> None:
+    policies = policies_from(cfg)
+    for p in policies:
+        if isinstance(p, EverySeconds):
+            p.last = 0.0
+    assert [p.reason for p in policies if p.is_due(Progress(step, epoch_ended, now))] == due

@@ -15,7 +15,7 @@ import torch
 
 from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
-from dtrain.snapshot import checksum, layout, reader
+from dtrain.snapshot import catalog, checksum, layout, reader
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, with_header
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
@@ -252,7 +252,7 @@ def test_a_real_snapshot_restores_before_it_is_tampered_with(tmp_path: Path) -> 
     assert restored.objects["progress"]["samples_seen"] == 40
     for k, v in state.items():
         assert torch.equal(restored.objects["model"][k], v), k
-    assert reader.read_manifest(storage, STEP) == Manifest.from_bytes(
+    assert catalog.read_manifest(storage, STEP) == Manifest.from_bytes(
         (_snapshot_dir(storage) / layout.MANIFEST).read_bytes(), WHERE)
 
 
@@ -282,7 +282,7 @@ def test_restore_refuses_a_piece_naming_a_file_outside_the_snapshot(tmp_path: Pa
     assert "refusing a hostile or corrupt manifest" in str(info.value)
     assert repr(name) in str(info.value)
     with pytest.raises(UnsafeSnapshotError, match=repr(name)):
-        reader.read_manifest(storage, STEP)
+        catalog.read_manifest(storage, STEP)
     assert reader.verify(storage, STEP) and repr(name) in reader.verify(storage, STEP)[0]
     assert _files_under(tmp_path) == before  # nothing created, removed or changed anywhere
 
@@ -331,7 +331,7 @@ def test_ckpt_verify_names_the_planted_file_and_fails(tmp_path: Path) -> None:
     snap = _snapshot_dir(storage)
     marker = tmp_path / "pwned"
     data = _plant_pickle(snap, "replicated-00000.bin", marker)
-    assert checksum.extend(0, memoryview(data)) != reader.read_manifest(storage, STEP).files["replicated-00000.bin"].crc32c
+    assert checksum.extend(0, memoryview(data)) != catalog.read_manifest(storage, STEP).files["replicated-00000.bin"].crc32c
 
     result = run(dtrain_cmd("ckpt", "verify", str(tmp_path / "run")), timeout=120)
     assert result.returncode == 1, result.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dtrain.signals import EXIT_PREEMPTED
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.storage import LocalStorage
 from tests.conftest import REPO, torchrun_cmd
 from tests.procs import kill, kill_tree, wait_for, workers
@@ -64,7 +64,7 @@ def test_sigterm_to_the_agent_commits_the_current_step_and_resume_loses_none(tmp
         kill_tree(agent.pid)
     step = int(PREEMPTED.search(log.read_text()).group(1))
     storage = LocalStorage(run_dir)
-    assert reader.committed_steps(storage)[-1] == step
+    assert catalog.committed_steps(storage)[-1] == step
     assert reader.verify(storage, step) == []
     assert _last_step(run_dir) == step  # the emergency snapshot is of the last step trained: none lost
     [event] = _preempted_events(run_dir)  # what an operator reads in metrics.jsonl
@@ -103,11 +103,11 @@ def test_a_stopped_rank_fails_the_group_within_the_timeout_and_torchrun_restarts
     agent = _start(run_dir, log, max_restarts=1,
                    extra=["--set", "train.steps=300", "--set", "dist.timeout_seconds=20"])
     try:
-        wait_for(lambda: reader.committed_steps(LocalStorage(run_dir)) if (run_dir / "snapshots").is_dir() else [],
+        wait_for(lambda: catalog.committed_steps(LocalStorage(run_dir)) if (run_dir / "snapshots").is_dir() else [],
                  120, "a committed snapshot")
         assert kill(workers(agent.pid)[0], signal.SIGSTOP)  # a rank that hangs without dying
         assert _wait(agent, 240) == 0, log.read_text()[-3000:]
     finally:
         kill_tree(agent.pid)
     assert RESUMED.search(log.read_text())
-    assert reader.committed_steps(LocalStorage(run_dir))[-1] == 300
+    assert catalog.committed_steps(LocalStorage(run_dir))[-1] == 300

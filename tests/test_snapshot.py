@@ -12,7 +12,7 @@ import torch
 
 from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, SnapshotError
-from dtrain.snapshot import layout, reader
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.staging import ForkedWriter
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
@@ -73,7 +73,7 @@ def test_replicated_state_is_written_once_spread_over_ranks(tmp_path: Path, worl
     results = run_ranks(train, world, str(tmp_path), ["train.steps=6", "snapshot.every_steps=6",
                                                       "snapshot.file_mb=1", "task.options.hidden=512"])
     assert all(r["error"] is None for r in results)
-    m = reader.read_manifest(LocalStorage(tmp_path), 6)
+    m = catalog.read_manifest(LocalStorage(tmp_path), 6)
     assert m.world_size == world
     replicated = {n: f for n, f in m.files.items() if n.startswith("replicated-")}
     writers = {f.writer for f in replicated.values()}
@@ -103,7 +103,7 @@ def test_storage_failure_on_one_rank_commits_nothing_and_keeps_the_previous(tmp_
     for r in results:  # every rank learns of the failure, and they stop together
         assert r["error"] is not None and "rank 1" in r["error"] and "No space left" in r["error"], r["error"]
     storage = LocalStorage(tmp_path)
-    assert reader.committed_steps(storage) == [10]
+    assert catalog.committed_steps(storage) == [10]
     assert reader.verify(storage, 10) == []
     assert storage.listdir(layout.PENDING) == []  # the partial save was cleaned up
     assert storage.path(layout.LATEST).read_text().strip() == "step_000000010"
@@ -113,13 +113,13 @@ def test_failed_save_is_retried_at_the_next_snapshot(tmp_path: Path) -> None:
     overrides = ["train.steps=30", "snapshot.every_steps=10", "snapshot.max_consecutive_failures=2"]
     results = run_ranks(train_with_failing_rank, 2, str(tmp_path), overrides, 0, 20)
     assert all(r["error"] is None for r in results)
-    assert reader.committed_steps(LocalStorage(tmp_path)) == [10, 30]
+    assert catalog.committed_steps(LocalStorage(tmp_path)) == [10, 30]
 
 
 def _two_snapshots(tmp_path: Path) -> tuple[LocalStorage, list[dict]]:
     results = run_ranks(train, 2, str(tmp_path), ["train.steps=20", "snapshot.every_steps=10"])
     storage = LocalStorage(tmp_path)
-    assert reader.committed_steps(storage) == [10, 20]
+    assert catalog.committed_steps(storage) == [10, 20]
     return storage, results
 
 
@@ -160,7 +160,7 @@ def test_a_run_whose_every_snapshot_is_corrupt_refuses_to_start_over(tmp_path: P
     for r in results:
         assert r["error"] is not None and "none of the 2 committed snapshots" in r["error"]
         assert "step_000000010/replicated-00000.bin" in r["error"]
-    assert reader.committed_steps(storage) == [10, 20]  # nothing was trained over them
+    assert catalog.committed_steps(storage) == [10, 20]  # nothing was trained over them
 
 
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))

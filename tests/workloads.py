@@ -24,7 +24,7 @@ def train(run_dir: str, overrides: list[str], storage: Any = None) -> dict[str, 
     cfg = load_config(None, SMALL + overrides)
     ctx = init_distributed(cfg)
     ledger: dict[int, list[int]] = {}
-    trainer = Trainer(cfg, load_task(cfg.task), storage or LocalStorage(run_dir), ctx,
+    trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, storage=storage,
                       on_batch=lambda step, ids: ledger.__setitem__(step, ids.tolist()))
     error = None
     try:
@@ -89,7 +89,8 @@ def train_on_slow_disk(run_dir: str, overrides: list[str], delay: float) -> dict
     step_times: list[float] = []
     cfg = load_config(None, SMALL + overrides)
     ctx = init_distributed(cfg)
-    trainer = Trainer(cfg, load_task(cfg.task), storage, ctx, on_batch=lambda s, ids: step_times.append(time.monotonic()))
+    trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, storage=storage,
+                      on_batch=lambda s, ids: step_times.append(time.monotonic()))
     trainer.fit()
     overlapped = sum(any(a <= t <= b for a, b in storage.writes) for t in step_times)
     return {"steps": len(step_times), "overlapped": overlapped, "writes": len(storage.writes)}
@@ -100,13 +101,13 @@ def restore_in_place(run_dir: str, step: int, is_one_host: bool) -> dict[str, An
     import torch.distributed as dist
 
     from dtrain.dist import attach
-    from dtrain.snapshot import reader
+    from dtrain.snapshot import catalog, reader
 
     dist.init_process_group("gloo")
     ctx = attach()
     ctx.__dict__["is_one_host"] = is_one_host  # the strategy a multi-machine job would take, on one machine
     storage = LocalStorage(run_dir)
-    manifest = reader.read_manifest(storage, step)
+    manifest = catalog.read_manifest(storage, step)
     live = {k.removeprefix("model/"): torch.zeros(e.shape, dtype=torch.float32)
             for k, e in manifest.tensors.items() if k.startswith("model/")}
     restored = reader.restore(storage, step, ctx, into={"model": live})

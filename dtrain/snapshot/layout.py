@@ -47,10 +47,10 @@ def replicated_file(index: int) -> str:
     return f"replicated-{index:05d}.bin"
 
 
-def rank_file(rank: int) -> str:
+def per_rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.bin"
 
 
-def own_prefix(rank: int) -> str:
+def per_rank_prefix(rank: int) -> str:
     """The key prefix of one rank's own state (its RNG streams) among a snapshot's tensors."""
     return f"rank{rank:05d}"

@@ -1,30 +1,26 @@
-"""When to snapshot, what to restore, and what to keep.
+"""The snapshots of one run dir during training: start-up cleanup, resume, saving with its failure
+policy, and retention after each commit.
 
-The manager owns the decisions around the writer: the triggers (every N steps, every T seconds,
-epoch end, preemption, the end of the run), the failure policy (warn and retry at the next
-snapshot; stop after `max_consecutive_failures` in a row), resume (the newest committed snapshot
-that verifies; a corrupt one is reported by name and the previous one used), and retention after
-each commit (decided from the manifests on disk).
+Resume takes the newest committed snapshot that verifies; a corrupt one is reported by name and
+the previous one used. A failed save warns and is retried at the next one; after
+`max_consecutive_failures` in a row training stops. Retention runs after each commit, from the
+manifests on disk (`catalog.prune`). *When* to save is not decided here: see `policy`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-from dtrain.config import AUTO, SnapshotConfig
+from dtrain.config import SnapshotConfig
 from dtrain.dist import DistContext
 from dtrain.errors import CorruptSnapshotError, SnapshotError
-from dtrain.snapshot import layout, reader, retention
-from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
+from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotWriter
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)
-
-_AUTO_FIRST_STEP = 10  # under `every_steps = "auto"`, the first save measures what a save costs
 
 
 class SnapshotManager:
@@ -36,12 +32,9 @@ class SnapshotManager:
                                      timeout_seconds=cfg.timeout_seconds, after_commit=self._after_commit,
                                      staging=cfg.staging, budget_bytes=cfg.memory_budget_mb << 20)
         self.consecutive_failures = 0
-        self.last_saved_step: int | None = None
-        self._last_save_time = time.monotonic()
-        self.cost = SaveCostMeter()
-        self._write_seconds: float | None = None
-        self._logged_cost: float | None = None
-        self._pending: PendingSnapshot | None = None
+        self.last_started_step: int | None = None
+        """The step of the newest save started (committed or not yet), or the snapshot resumed from."""
+        self.pending: PendingSnapshot | None = None
         """The newest save started, kept to read its timings once it committed."""
 
     # -- start -------------------------------------------------------------------------------
@@ -75,7 +68,7 @@ class SnapshotManager:
                 logger.warning("%s; falling back to the previous committed snapshot", e)
                 problems.append(str(e))
                 continue
-            self.last_saved_step = step
+            self.last_started_step = step
             return restored
         if steps:
             raise CorruptSnapshotError(
@@ -85,72 +78,25 @@ class SnapshotManager:
 
     def _agreed_steps(self) -> list[int]:
         """Rank 0's listing, so every rank tries the same snapshots in the same order."""
-        steps = reader.committed_steps(self.storage) if self.ctx.is_main else []
+        steps = catalog.committed_steps(self.storage) if self.ctx.is_main else []
         listed = self.ctx.exchange("resume/steps", ",".join(map(str, steps)))[0]
         return [int(s) for s in listed.split(",") if s]
 
-    # -- triggers ----------------------------------------------------------------------------
-
-    def is_time_due(self) -> bool:
-        """This rank's opinion that `every_seconds` elapsed; ranks combine it with `DistContext.any`."""
-        every = self.cfg.every_seconds
-        return every > 0 and time.monotonic() - self._last_save_time >= every
-
-    def is_step_due(self, step: int) -> bool:
-        """This rank's opinion that a save by count is due. Under `auto` it rests on timings this rank
-        measured, so ranks may differ: combine it with `DistContext.any`, as the trainer does."""
-        every = self.cfg.every_steps
-        if every != AUTO:
-            return every > 0 and step % every == 0
-        self._take_write_time()
-        interval = self.auto_interval()
-        if interval is None and self.is_saving():
-            return False  # the bootstrap save is still being measured: another would only queue behind it
-        # Counted from the last save, or the snapshot resumed from: never from step 0.
-        return step - (self.last_saved_step or 0) >= (interval or _AUTO_FIRST_STEP)
-
-    def observe_iteration(self, seconds: float) -> None:
-        """One iteration of the training loop (step, evaluation, save) took `seconds` on this rank."""
-        self.cost.observe(seconds, in_flight=self.is_saving())
-
-    def is_saving(self) -> bool:
-        return self._pending is not None and not self._pending.done()
-
-    def auto_interval(self) -> int | None:
-        """The `auto` interval in steps, from the measured save cost; None until one save was measured."""
-        save, step = self.cost.save_seconds, self.cost.step_seconds
-        if save is None or not step or self._write_seconds is None:
-            return None
-        interval = young_daly_steps(save, self._write_seconds, self.cfg.mtbf_seconds, step)
-        if save != self._logged_cost and self.ctx.is_main:  # once per measured save, not per step
-            logger.info("every_steps=auto: %d steps (a save costs training %.3fs and writes for %.3fs; "
-                        "steps of %.4fs; mtbf_seconds=%g)", interval, save, self._write_seconds, step,
-                        self.cfg.mtbf_seconds)
-        self._logged_cost = save
-        return interval
-
-    def _take_write_time(self) -> None:
-        """The write time of a save that committed in the background, read without waiting for it."""
-        result = self._pending.peek() if self._pending is not None else None
-        if result is not None:
-            self._write_seconds = result.commit_seconds
-
     # -- saving ------------------------------------------------------------------------------
 
-    def save(self, step: int, replicated: dict[str, Any], private: dict[str, Any], meta: dict[str, Any],
+    def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any],
              reason: str) -> PendingSnapshot | None:
         """Start a save of `step` (once per step). A failed earlier save is counted here."""
-        if step == self.last_saved_step:
+        if step == self.last_started_step:
             return None
         self._settle_previous()
         logger.info("snapshot of step %d (%s) staging", step, reason)
-        started = time.perf_counter()
-        pending = self.writer.save(step, replicated, private, meta)
-        self.cost.save_started(stall_seconds=time.perf_counter() - started)
-        self._pending = pending
-        self.last_saved_step = step
-        self._last_save_time = time.monotonic()
-        return pending
+        self.pending = self.writer.save(step, replicated, per_rank, meta)
+        self.last_started_step = step
+        return self.pending
+
+    def is_saving(self) -> bool:
+        return self.pending is not None and not self.pending.done()
 
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight; raises if it failed (its failure is counted)."""
@@ -170,7 +116,6 @@ class SnapshotManager:
             return None
         if result is not None:
             self.consecutive_failures = 0
-            self._write_seconds = result.commit_seconds
         return result
 
     # -- after commit (rank 0, background thread) ----------------------------------------------
@@ -178,35 +123,12 @@ class SnapshotManager:
     def _after_commit(self, result: SaveResult) -> None:
         logger.info("snapshot step %d committed: %.1f MB, stall %.3fs, commit %.3fs after staging -> %s",
                     result.step, result.bytes / 1e6, result.stall_seconds, result.commit_seconds, result.path)
+        started = time.perf_counter()
         try:
-            self.prune(protected=frozenset({result.step}))
+            deleted = catalog.prune(self.storage, self.cfg, protected=frozenset({result.step}), nonce=self.ctx.nonce)
         except Exception as e:  # retention must never fail a save that is already committed
             logger.warning("retention after step %d failed and will be retried next time: %s", result.step, e)
-
-    def prune(self, protected: frozenset[int] = frozenset()) -> list[int]:
-        """Delete the committed snapshots the retention policy does not keep; returns their steps."""
-        infos = []
-        for step in reader.committed_steps(self.storage):
-            try:
-                metric = reader.read_manifest(self.storage, step).metrics.get(self.cfg.best_metric)
-            except CorruptSnapshotError:
-                metric = None
-            infos.append(retention.SnapshotInfo(step, metric))
-        doomed = retention.to_delete(infos, self.policy(), protected)
-        for step in doomed:
-            delete_snapshot(self.storage, step, self.ctx.nonce)
-        return doomed
-
-    def policy(self) -> retention.RetentionPolicy:
-        c = self.cfg
-        return retention.RetentionPolicy(c.keep_last, c.keep_best, c.best_mode, c.keep_every)
-
-
-def delete_snapshot(storage: Storage, step: int, nonce: str) -> None:
-    """Make the snapshot invisible with one atomic rename, then delete its files at leisure."""
-    graveyard = f"{layout.PENDING}/deleting-{layout.step_dir_name(step)}.{nonce}"
-    storage.makedirs(layout.PENDING)
-    storage.rename(layout.committed_path(step), graveyard)
-    storage.sync_dir(layout.SNAPSHOTS)
-    storage.remove_tree(graveyard)
-    logger.info("retention deleted %s", layout.step_dir_name(step))
+            return
+        if deleted:
+            logger.info("retention after step %d deleted %s in %.3fs", result.step, deleted,
+                        time.perf_counter() - started)

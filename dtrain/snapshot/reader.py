@@ -5,7 +5,7 @@ replicated files are spread over the restoring ranks exactly as the writer sprea
 (`plan.spread`), each rank reads and checks its files, the ranks agree that every check passed,
 and each file is then broadcast from its reader. On one machine every rank reads every file
 itself: the page cache turns all but the first read into a memory copy, which beats a broadcast
-over loopback, and the check runs on every rank in parallel. Private files (per-rank RNG) are read only by their own rank, and only when the world
+over loopback, and the check runs on every rank in parallel. Per-rank files (each rank's RNG) are read only by their own rank, and only when the world
 size is unchanged. A corrupt snapshot is refused whole, naming every bad file, and the caller can
 fall back to an older one.
 
@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from dtrain.dist import DistContext, solo_context
-from dtrain.errors import CorruptSnapshotError, NoSnapshotError
+from dtrain.errors import CorruptSnapshotError
 from dtrain.snapshot import checksum, layout
 from dtrain.snapshot.aliases import make_view
-from dtrain.snapshot.manifest import DTYPES, MAX_MANIFEST_BYTES, FileEntry, Manifest, Piece, file_pieces
+from dtrain.snapshot.catalog import read_manifest
+from dtrain.snapshot.manifest import DTYPES, FileEntry, Manifest, Piece, file_pieces
 from dtrain.snapshot.plan import spread
 from dtrain.snapshot.tree import flatten, unflatten
 from dtrain.storage import Storage
@@ -42,30 +43,8 @@ class Restored:
     manifest: Manifest
     objects: dict[str, Any]
     """The replicated objects (model, optimizer, ...), as state dicts of CPU tensors."""
-    private: dict[str, Any] | None
-    """This rank's private objects, or None when the snapshot was taken at another world size."""
-
-
-def committed_steps(storage: Storage) -> list[int]:
-    """Steps of the committed snapshots in the run dir, oldest first."""
-    steps = []
-    for name in storage.listdir(layout.SNAPSHOTS):
-        step = layout.parse_step_dir(name)
-        if step is not None and storage.exists(f"{layout.SNAPSHOTS}/{name}/{layout.MANIFEST}"):
-            steps.append(step)
-    return sorted(steps)
-
-
-def read_manifest(storage: Storage, step: int) -> Manifest:
-    path = f"{layout.committed_path(step)}/{layout.MANIFEST}"
-    try:
-        data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
-    except (OSError, ValueError) as e:
-        raise CorruptSnapshotError(f"{path}: cannot read the manifest ({e})") from None
-    manifest = Manifest.from_bytes(data, path)
-    if manifest.step != step:
-        raise CorruptSnapshotError(f"{path}: manifest says step {manifest.step}, its directory says {step}")
-    return manifest
+    per_rank: dict[str, Any] | None
+    """This rank's own state (its RNG streams), or None when the snapshot was taken at another world size."""
 
 
 def verify(storage: Storage, step: int) -> list[str]:
@@ -145,14 +124,14 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
     ctx = ctx or solo_context()
     manifest = _agreed_manifest(storage, step, ctx)
     base = layout.committed_path(step)
-    shared = sorted(n for n in manifest.files if not _is_rank_file(n))
+    shared = sorted(n for n in manifest.files if not _is_per_rank_file(n))
     # On one machine every rank reads every file: after the first reader the page cache serves it,
     # faster than a broadcast over loopback. Across machines each reads 1/W' and broadcasts.
     everyone_reads = ctx.is_one_host
     readers = [ctx.rank] * len(shared) if everyone_reads else spread([manifest.files[n].bytes for n in shared], ctx.world_size)
     mine = [n for n, r in zip(shared, readers) if r == ctx.rank]
     same_world = manifest.world_size == ctx.world_size
-    own = [layout.rank_file(ctx.rank)] if same_world and layout.rank_file(ctx.rank) in manifest.files else []
+    own = [layout.per_rank_file(ctx.rank)] if same_world and layout.per_rank_file(ctx.rank) in manifest.files else []
     tensors = _Destinations(manifest, _targets(into or {}))
     held = shared if not everyone_reads else mine
     problems = _fits(storage, base, manifest, mine + own, held + own, tensors)
@@ -167,8 +146,8 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
                 _receive(ctx, tensors.segments(name), src=reader)
     made = tensors.with_views()
     objects = {k: unflatten(v, made) for k, v in manifest.objects.items()}
-    private = {k: unflatten(v, made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
-    return Restored(manifest, objects, private)
+    per_rank = {k: unflatten(v, made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
+    return Restored(manifest, objects, per_rank)
 
 
 def read_tensors(storage: Storage, step: int, prefix: str) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -185,14 +164,7 @@ def read_tensors(storage: Storage, step: int, prefix: str) -> tuple[Manifest, di
     return manifest, {k: t for k, t in tensors.with_views().items() if k in wanted}
 
 
-def newest_step(storage: Storage) -> int:
-    steps = committed_steps(storage)
-    if not steps:
-        raise NoSnapshotError(f"{getattr(storage, 'root', '?')}: no committed snapshot; train first, or check the run dir")
-    return steps[-1]
-
-
-def _is_rank_file(name: str) -> bool:
+def _is_per_rank_file(name: str) -> bool:
     return name.startswith("rank-")
 
 

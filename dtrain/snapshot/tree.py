@@ -28,6 +28,7 @@ def flatten(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
+            _check_storable(x, path)
             key, n = path, 0
             while key in tensors:  # two paths can spell the same key ("a/b" and {"a": {"b"}})
                 n += 1
@@ -52,6 +53,19 @@ def flatten(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
         )
 
     return walk(obj, prefix), tensors
+
+
+def _check_storable(t: torch.Tensor, path: str) -> None:
+    """Refuse, naming the key, a tensor whose bytes the format cannot describe as a dense array."""
+    from dtrain.snapshot.manifest import DTYPES
+
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise SnapshotError(f"{path}: a {kind} tensor cannot go into a snapshot; convert it to a dense tensor "
+                            "(`.to_dense()`, `.dequantize()`) in state_dict()")
+    if str(t.dtype).removeprefix("torch.") not in DTYPES:
+        raise SnapshotError(f"{path}: tensors of dtype {t.dtype} cannot go into a snapshot; convert it to one of "
+                            f"{', '.join(sorted(DTYPES))}")
 
 
 def _key(k: Any, path: str) -> Any:

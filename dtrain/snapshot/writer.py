@@ -78,9 +78,9 @@ class ShardReport:
     rank: int
     files: dict[str, FileEntry]
     error: str | None
-    own: dict[str, Any]
+    per_rank: dict[str, Any]
     """The JSON skeletons of this rank's own state (its RNG streams)."""
-    own_tensors: dict[str, TensorEntry]
+    per_rank_tensors: dict[str, TensorEntry]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -88,8 +88,8 @@ class ShardReport:
     @classmethod
     def from_json(cls, text: bytes) -> ShardReport:
         raw = json.loads(text)
-        return cls(raw["rank"], {k: FileEntry(**f) for k, f in raw["files"].items()}, raw["error"], raw["own"],
-                   {k: _entry_from_json(e) for k, e in raw["own_tensors"].items()})
+        return cls(raw["rank"], {k: FileEntry(**f) for k, f in raw["files"].items()}, raw["error"], raw["per_rank"],
+                   {k: _entry_from_json(e) for k, e in raw["per_rank_tensors"].items()})
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ class StagedSnapshot:
     deadline: float
     """`time.monotonic()` by which every wait of this save ends."""
     files: list[tuple[PlannedFile, list[memoryview]]]
-    own: dict[str, Any]
-    own_tensors: dict[str, TensorEntry]
+    per_rank: dict[str, Any]
+    per_rank_tensors: dict[str, TensorEntry]
     nbytes: int = 0
     unowned: list[memoryview] | None = None
     """Fork staging: views of the pieces other ranks write, which the child gives up at once."""
@@ -190,14 +190,14 @@ class SnapshotWriter:
         self._old_outcome_key: str | None = None
         self._buffers = StagingBuffers()
 
-    def save(self, step: int, replicated: dict[str, Any], own: dict[str, Any],
+    def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any],
              meta: dict[str, Any]) -> PendingSnapshot:
         """Stage now, write and commit in the background. Waits for a save still in flight first."""
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
             self._wait_previous(previous)
         start = time.perf_counter()
-        staged = self.stage(step, replicated, own, meta)
+        staged = self.stage(step, replicated, per_rank, meta)
         if staged.unowned is not None:  # fork staging: a child process writes the shared image
             child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes,
                                  self.budget_bytes, staged.deadline)
@@ -217,7 +217,7 @@ class SnapshotWriter:
                 self._buffers = StagingBuffers()
             raise
 
-    def stage(self, step: int, replicated: dict[str, Any], own: dict[str, Any],
+    def stage(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any],
               meta: dict[str, Any]) -> StagedSnapshot:
         """Plan the files and hold this rank's bytes: copied, or (fork staging) as views of the live tensors."""
         rank, world = self.ctx.rank, self.ctx.world_size
@@ -234,15 +234,15 @@ class SnapshotWriter:
         tensors = _fork_safe(shared.stored) if by_reference else shared.stored
         hold = _piece_views if by_reference else self._copy_file
         files = [(f, hold(f, tensors)) for f in plan if f.writer == rank]
-        own_skeletons, own_found = flatten(own, layout.own_prefix(rank))
-        own_shared = split_shared(own_found)
-        own_file = plan_single_file(layout.rank_file(rank), {k: _nbytes(t) for k, t in own_shared.stored.items()}, rank)
-        files.append((own_file, self._copy_file(own_file, own_shared.stored)))
+        per_rank_skeletons, per_rank_found = flatten(per_rank, layout.per_rank_prefix(rank))
+        per_rank_shared = split_shared(per_rank_found)
+        per_rank_file = plan_single_file(layout.per_rank_file(rank), {k: _nbytes(t) for k, t in per_rank_shared.stored.items()}, rank)
+        files.append((per_rank_file, self._copy_file(per_rank_file, per_rank_shared.stored)))
         self._buffers.keep_only({f.name for f, _ in files})
         _synchronize_copies(tensors)
         staged = StagedSnapshot(
             step=step, pending=layout.pending_path(step, self.ctx.nonce), deadline=time.monotonic() + self.timeout,
-            files=files, own=own_skeletons, own_tensors=_entries([own_file], own_shared.stored, own_shared.views),
+            files=files, per_rank=per_rank_skeletons, per_rank_tensors=_entries([per_rank_file], per_rank_shared.stored, per_rank_shared.views),
             nbytes=sum(p.nbytes for f, _ in files for p in f.pieces),
             unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
         )
@@ -283,7 +283,7 @@ class SnapshotWriter:
             written = {"files": {}, "error": f"rank {self.ctx.rank}: {e}"}
         staged.files = []  # release the staging buffers before waiting on other ranks
         report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written["files"].items()},
-                             written["error"], staged.own, staged.own_tensors)
+                             written["error"], staged.per_rank, staged.per_rank_tensors)
         if report.error:
             logger.warning("could not write the shard of step %d: %s", staged.step, report.error)
         store = self.ctx.save_store
@@ -379,12 +379,12 @@ class SnapshotWriter:
         files: dict[str, FileEntry] = {}
         for r in reports:
             files.update(r.files)
-            tensors.update(r.own_tensors)
+            tensors.update(r.per_rank_tensors)
         return Manifest(
             step=staged.step, world_size=self.ctx.world_size, created_unix=time.time(),
             progress=staged.meta.get("progress", {}), metrics=staged.meta.get("metrics", {}),
             config=staged.meta.get("config", {}), versions=staged.meta.get("versions", {}),
-            objects=staged.objects, per_rank=[r.own for r in reports], tensors=tensors, files=files,
+            objects=staged.objects, per_rank=[r.per_rank for r in reports], tensors=tensors, files=files,
         )
 
     def _await_outcome(self, key: str, deadline: float) -> Outcome:
