@@ -57,10 +57,10 @@ class RunDirLock:
     def acquire(self) -> None:
         if self.is_held:
             raise RuntimeError(f"{self.run_dir}: this RunDirLock is already held")
-        fd = _open_lock_file(self.run_dir, os.O_CREAT | os.O_RDWR)
+        fd = _open_lock_file(self.run_dir, os.O_CREAT | os.O_RDONLY)
         try:
-            _lock_or_raise(fd, self.run_dir)
-            _write_holder(fd)
+            fd = _lock_or_raise(fd, self.run_dir)
+            _write_holder(self.run_dir)
         except BaseException:
             os.close(fd)  # also drops the lock if it was taken
             raise
@@ -90,11 +90,11 @@ def probe(run_dir: Path) -> None:
     """Raise `RunDirLockedError` if a process holds the run dir's lock; touch nothing otherwise
     (for `dtrain train --check`). The lock is taken and dropped at once when it is free."""
     try:
-        fd = _open_lock_file(Path(run_dir), os.O_RDWR)  # read-write: NFS grants an exclusive lock only so
+        fd = _open_lock_file(Path(run_dir), os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
-        _lock_or_raise(fd, Path(run_dir))
+        fd = _lock_or_raise(fd, Path(run_dir))
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -118,19 +118,36 @@ def _not_a_lock_file(path: Path) -> ConfigError:
     return ConfigError(f"{path}: not a regular file, where dtrain keeps its run dir lock; remove it and start again")
 
 
-def _lock_or_raise(fd: int, run_dir: Path) -> None:
+def _lock_or_raise(fd: int, run_dir: Path) -> int:
+    """Lock `fd`, or raise naming the holder; returns the descriptor that holds the lock.
+
+    The lock is held through a read-only descriptor where the file system allows it, so that a
+    running job never keeps a file open for writing (a read-only remount of the disk still
+    succeeds, and a failing disk can be taken away). NFS grants an exclusive lock only on a
+    writable descriptor (EBADF otherwise): there it is reopened read-write.
+    """
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except BlockingIOError:
         raise RunDirLockedError(f"another dtrain job holds {run_dir} ({_describe_holder(fd)}); "
                                 "stop it, or use another --run-dir") from None
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+    os.close(fd)
+    return _lock_or_raise(_open_lock_file(run_dir, os.O_RDWR), run_dir)
 
 
-def _write_holder(fd: int) -> None:
+def _write_holder(run_dir: Path) -> None:
+    """Name the holder in the lock file, through a descriptor closed at once."""
     line = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since_unix": time.time()}) + "\n"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, line.encode(), 0)
-    os.fsync(fd)
+    fd = _open_lock_file(run_dir, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _describe_holder(fd: int) -> str:

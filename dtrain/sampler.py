@@ -30,7 +30,8 @@ class ResumableSampler:
     """This rank's share of each global batch, from the consumed position on, epoch after epoch."""
 
     def __init__(self, num_samples: int, global_batch_size: int, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, strict: bool = True) -> None:
+        """`strict`: refuse to resume from the state of another dataset size or seed (the order would change)."""
         rank_now, world_now = _rank_and_world()
         self.rank = rank_now if rank is None else rank
         self.world_size = world_now if world_size is None else world_size
@@ -40,6 +41,7 @@ class ResumableSampler:
             raise ValueError(f"global_batch_size={global_batch_size} is below the world size ({self.world_size}): "
                              "every rank needs a sample; raise it or start fewer processes")
         self.order = GlobalOrder(num_samples, global_batch_size, seed)
+        self.strict = strict
         self._anchor, self._anchor_step = Cursor(), 0
         self.step = 0
         """Steps consumed: the position this sampler resumes from and a snapshot records."""
@@ -74,12 +76,15 @@ class ResumableSampler:
                 "num_samples": self.order.num_samples, "seed": self.order.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("num_samples", "seed"):
-            saved, now = state[key], getattr(self.order, key)
-            if saved != now:
-                raise ValueError(f"the snapshot's sampler has {key}={saved}, this one {now}: the data order would "
-                                 "change and samples would be repeated or skipped; use the same dataset and seed")
-        self._anchor = Cursor(int(state["epoch"]), int(state["offset"]))
+        changed = [f"{key}={state[key]}, this one {getattr(self.order, key)}" for key in ("num_samples", "seed")
+                   if state[key] != getattr(self.order, key)]
+        if changed and self.strict:
+            raise ValueError(f"the snapshot's sampler has {'; '.join(changed)}: the data order would change and "
+                             "samples would be repeated or skipped; use the same dataset and seed (or strict=False)")
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if offset >= self.order.num_samples:  # a smaller dataset, accepted: its epoch is over
+            epoch, offset = epoch + 1, 0
+        self._anchor = Cursor(epoch, offset)
         self._anchor_step = self.step = int(state["step"])
 
 

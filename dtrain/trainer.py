@@ -66,7 +66,7 @@ class Trainer:
         self.scheduler = task.build_scheduler(self.optimizer, task.options) if task.build_scheduler else None
         self.train_data, self.eval_data = task.build_data(task.options)
         self.sampler = ResumableSampler(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed,
-                                        ctx.rank, ctx.world_size)
+                                        ctx.rank, ctx.world_size, strict=not allow_config_change)
         self.progress = {"samples_seen": 0}
         self.state: dict[str, Any] = {MODEL: self.model, OPTIMIZER: self.optimizer, SAMPLER: self.sampler,
                                       PROGRESS: self.progress}

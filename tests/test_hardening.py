@@ -70,7 +70,7 @@ def test_a_changed_digit_in_the_manifest_is_corruption_and_resume_falls_back(run
     silently skipped samples."""
     manifest = _snap(run_dir, 10) / layout.MANIFEST
     data = manifest.read_bytes()
-    cursor = b'"offset":' + str(json.loads(data.partition(b"\n")[2])["progress"]["cursor"]["offset"]).encode()
+    cursor = b'"offset":' + str(json.loads(data.partition(b"\n")[2])["objects"]["sampler"]["offset"]).encode()
     assert cursor in data
     manifest.write_bytes(data.replace(cursor, cursor[:-1] + b"9" if not cursor.endswith(b"9") else cursor[:-1] + b"8"))
 

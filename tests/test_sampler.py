@@ -106,6 +106,10 @@ def test_a_snapshot_of_another_dataset_or_seed_is_refused() -> None:
         ResumableSampler(99, 10, seed=7).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=7, this one 8"):
         ResumableSampler(100, 10, seed=8).load_state_dict(state)
+    lenient = ResumableSampler(50, 10, seed=8, strict=False)  # a change accepted: from the cursor, in the new order
+    s.consumed(7)
+    lenient.load_state_dict(s.state_dict())
+    assert lenient.cursor == Cursor(1, 0) and lenient.step == 7
 
 
 def test_a_dataloader_with_its_own_generator_leaves_the_global_stream_alone() -> None:
