@@ -8,6 +8,7 @@ it, and exits with `EXIT_PREEMPTED` (`dtrain.Preempted`).
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
@@ -20,7 +21,13 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later", which is 
 
 
 class PreemptionFlag:
-    """Records the first preemption signal this process receives."""
+    """Records the first preemption signal this process receives.
+
+    While one is installed, every child this process forks (DataLoader workers) ignores the
+    preemption signals: torchrun and SLURM signal the worker's whole process group, and a
+    DataLoader worker that died of it would fail the step before the emergency snapshot is taken.
+    The children still end with their parent (the DataLoader stops them, or sees its parent gone).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -33,16 +40,34 @@ class PreemptionFlag:
     def install(self) -> PreemptionFlag:
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
+        _installed.add(self)
         return self
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        _installed.discard(self)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
+
+
+_installed: set[PreemptionFlag] = set()
+
+
+def _ignore_in_forked_child() -> None:
+    """Ignored, and blocked as well: a DataLoader worker installs a SIGTERM handler of its own that
+    exits, and a blocked signal is never delivered whatever handler is installed."""
+    if _installed:
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+        _installed.clear()
+
+
+os.register_at_fork(after_in_child=_ignore_in_forked_child)
 
 
 def signal_name(signum: int | None) -> str:

@@ -85,10 +85,11 @@ def worker_ranks(agent_pid: int, world_size: int, timeout: float = 120.0) -> dic
 
 def ranks_now(agent_pid: int) -> dict[int, int]:
     """{rank: pid} of the dtrain workers a torchrun agent has right now (none while it restarts them)."""
-    return {r: p for p in children(agent_pid) if b"dtrain" in _cmdline(p) and (r := _rank(p)) is not None}
+    return {r: p for p in children(agent_pid) if b"dtrain" in _cmdline(p) and (r := rank_of(p)) is not None}
 
 
-def _rank(pid: int) -> int | None:
+def rank_of(pid: int) -> int | None:
+    """The RANK in a process's environment, or None."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
