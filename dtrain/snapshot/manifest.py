@@ -109,7 +109,7 @@ class Manifest:
     objects: dict[str, Any]
     """JSON skeletons of the replicated objects (model, optimizer, scheduler), see `tree`."""
     per_rank: list[dict[str, Any]]
-    """Per rank, the skeletons of its private objects (its RNG)."""
+    """Per rank, the skeletons of its per-rank state (its RNG streams)."""
     tensors: dict[str, TensorEntry]
     files: dict[str, FileEntry]
     format: str = FORMAT
