@@ -23,12 +23,11 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+from bench.state import BenchState
 from dtrain.dist import DistContext, attach, solo_context
 from dtrain.snapshot import reader
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage.local import LocalStorage
-
-from bench.state import BenchState
 
 _writers: dict[tuple[Path, int], SnapshotWriter] = {}
 

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dtrain import signals
 from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, Preempted

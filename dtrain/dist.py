@@ -22,8 +22,8 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import timedelta
+from functools import cached_property
 
 import torch
 import torch.distributed as dist

@@ -123,7 +123,7 @@ class Snapshotter:
         preempted, *due = self.ctx.any(self.preemption.is_requested, *(p.is_due(progress) for p in self.policies))
         if preempted:
             self._preempt(progress, state, metrics)
-        reasons = [p.reason for p, d in zip(self.policies, due) if d]
+        reasons = [p.reason for p, d in zip(self.policies, due, strict=True) if d]
         if reasons:
             self._save(progress, state, metrics, reasons[0])
         self._last_step_time = now  # the next iteration measured includes this one's save and evaluation

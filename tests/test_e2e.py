@@ -7,15 +7,13 @@ import random
 import signal
 import subprocess
 import time
-import sys
 from pathlib import Path
 
 import pytest
 
 from dtrain.snapshot import layout
-from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.conftest import uninterrupted_weights
 from tests.procs import kill, kill_tree, wait_for, workers
 
 SETTINGS = ["--set", "train.steps=60", "--set", "snapshot.every_steps=10", "--set", "task.options.hidden=768",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.snapshot import catalog, reader
+from dtrain.snapshot import catalog
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
 from tests.workloads import train

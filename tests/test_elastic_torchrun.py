@@ -57,7 +57,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtrain.snapshot import catalog, reader
+from dtrain.snapshot import catalog
 from dtrain.storage import LocalStorage
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
 from tests.procs import kill, kill_tree, wait_for, workers

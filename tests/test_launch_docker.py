@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.conftest import uninterrupted_weights
 from tests.procs import wait_for
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.conftest import uninterrupted_weights
 from tests.procs import wait_for
 
 pytestmark = pytest.mark.slow
@@ -159,7 +158,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             if done.returncode != 0:
                 pytest.skip(f"{argv[0]} did not start (exit {done.returncode}): {done.stdout[-1000:]}")
             started.append(pidfile)
-            wait_for(lambda: _pid(pidfile), 15, f"{pidfile.name}")
+            wait_for(lambda pidfile=pidfile: _pid(pidfile), 15, f"{pidfile.name}")
         c = Cluster(root, env)
 
         def node_idle() -> bool:

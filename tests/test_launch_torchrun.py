@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
+from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.conftest import uninterrupted_weights
 from tests.procs import kill_tree, wait_for
 
 LAUNCHER = REPO / "launch" / "torchrun.sh"

@@ -312,7 +312,7 @@ def test_restore_never_unpickles_a_planted_file(tmp_path: Path, victim: str) -> 
     storage, _ = _save(tmp_path / "run")
     snap = _snapshot_dir(storage)
     marker = tmp_path / "pwned"
-    data = _plant_pickle(snap, victim, marker)
+    _plant_pickle(snap, victim, marker)
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(_Payload(control), protocol=2)).close()
     assert control.exists(), "the payload must be live: unpickling it creates its marker"

@@ -62,7 +62,7 @@ def assert_bitwise_equal(actual: Any, expected: Any, path: str) -> None:
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is type(expected), f"{path}: a {type(actual).__name__}, saved a {type(expected).__name__}"
         assert len(actual) == len(expected), f"{path}: {len(actual)} items, saved {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_bitwise_equal(a, e, f"{path}[{i}]")
     elif isinstance(expected, float):
         assert type(actual) is float, f"{path}: {actual!r} ({type(actual).__name__}), saved the float {expected!r}"

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.storage import LocalStorage
-from dtrain.storage import local
+from dtrain.storage import LocalStorage, local
 from dtrain.storage.local import UnsafePathError
 
 STEP = "snapshots/step_000000400"

@@ -37,7 +37,7 @@ def assert_same(got: Any, want: Any, path: str = "") -> None:
             assert_same(got[k], want[k], f"{path}/{k!r}")
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_same(g, w, f"{path}/{i}")
     elif isinstance(want, float) and math.isnan(want):
         assert math.isnan(got), path
@@ -75,7 +75,7 @@ def test_adamw_state_dict_round_trips_and_trains_on_identically() -> None:
         o.zero_grad()
         m(x).pow(2).sum().backward()
         o.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -325,6 +325,6 @@ def test_spread_keeps_the_load_gap_within_the_largest_load() -> None:
         world = rng.randrange(1, 9)
         owners = spread(loads, world)
         assert len(owners) == len(loads) and all(0 <= r < world for r in owners)
-        totals = [sum(n for n, r in zip(loads, owners) if r == rank) for rank in range(world)]
+        totals = [sum(n for n, r in zip(loads, owners, strict=True) if r == rank) for rank in range(world)]
         assert max(totals) - min(totals) <= max(loads, default=0)
         assert spread(list(loads), world) == owners

@@ -369,7 +369,7 @@ def _restore_both(ctx: Any, run_dir: str, solo_dir: str, step: int, strategy: st
     from dtrain.snapshot import reader
     from dtrain.storage import LocalStorage
 
-    return {f"{what}/{strategy}": _phase(lambda: restored_record(reader.restore(LocalStorage(where), step, ctx)))
+    return {f"{what}/{strategy}": _phase(lambda where=where: restored_record(reader.restore(LocalStorage(where), step, ctx)))
             for what, where in (("same_world", run_dir), ("from_world_1", solo_dir))}
 
 

@@ -90,7 +90,7 @@ def _merge_overlaps(keys: list[str], tensors: dict[str, torch.Tensor]) -> list[l
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, past the last byte) of `t` in its storage."""
     start = t.storage_offset() * t.element_size()
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
     return start, start + (last + 1) * t.element_size()
 
 

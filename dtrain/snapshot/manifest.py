@@ -86,7 +86,7 @@ class TensorEntry:
         """Bytes a view spans in its base, from its first element to past its last."""
         if math.prod(self.shape) == 0 or self.view is None:
             return 0
-        last = sum((n - 1) * s for n, s in zip(self.shape, self.view.stride))
+        last = sum((n - 1) * s for n, s in zip(self.shape, self.view.stride, strict=True))
         return (last + 1) * DTYPES[self.dtype].itemsize
 
 
@@ -249,7 +249,7 @@ def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: 
     for p in t.pieces:
         _expect(p.file in files, where, f"tensor {key} refers to unlisted file {p.file!r}")
         _expect(p.tensor_offset == covered and p.nbytes >= 0, where, f"tensor {key} has a gap or overlap at byte {covered}")
-        _expect(0 <= p.file_offset and p.file_offset + p.nbytes <= files[p.file].bytes, where,
+        _expect(p.file_offset >= 0 and p.file_offset + p.nbytes <= files[p.file].bytes, where,
                 f"tensor {key} reads past the end of {p.file}")
         covered += p.nbytes
     _expect(covered == t.nbytes, where, f"tensor {key} pieces hold {covered} bytes, its shape needs {t.nbytes}")
@@ -263,7 +263,7 @@ def _check_view(key: str, t: TensorEntry, tensors: dict[str, TensorEntry], where
             f"tensor {key} is a view of {v.base!r}, which is not a stored uint8 tensor")
     _expect(len(v.stride) == len(t.shape) and all(0 <= s <= _MAX_BYTES for s in v.stride), where,
             f"tensor {key} has strides {v.stride} for shape {t.shape}")
-    _expect(0 <= v.byte_offset and v.byte_offset % DTYPES[t.dtype].itemsize == 0, where,
+    _expect(v.byte_offset >= 0 and v.byte_offset % DTYPES[t.dtype].itemsize == 0, where,
             f"tensor {key} starts at byte {v.byte_offset} of its base, not aligned for {t.dtype}")
     _expect(v.byte_offset + t.extent <= base.nbytes, where, f"tensor {key} reads past the end of its base {v.base}")
 

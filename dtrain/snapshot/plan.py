@@ -39,7 +39,7 @@ def plan_replicated(sizes: dict[str, int], world_size: int, file_bytes: int) -> 
     """Files of the replicated tensors `sizes` (key -> bytes, in a fixed order) and their writers."""
     groups = _pack(_cut(sizes, file_bytes), file_bytes)
     writers = spread([sum(p.nbytes for p in g) for g in groups], world_size)
-    return [PlannedFile(replicated_file(i), w, tuple(g)) for i, (g, w) in enumerate(zip(groups, writers))]
+    return [PlannedFile(replicated_file(i), w, tuple(g)) for i, (g, w) in enumerate(zip(groups, writers, strict=True))]
 
 
 def plan_single_file(name: str, sizes: dict[str, int], writer: int) -> PlannedFile:

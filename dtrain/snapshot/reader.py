@@ -129,7 +129,7 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
     # faster than a broadcast over loopback. Across machines each reads 1/W' and broadcasts.
     everyone_reads = ctx.is_one_host
     readers = [ctx.rank] * len(shared) if everyone_reads else spread([manifest.files[n].bytes for n in shared], ctx.world_size)
-    mine = [n for n, r in zip(shared, readers) if r == ctx.rank]
+    mine = [n for n, r in zip(shared, readers, strict=True) if r == ctx.rank]
     same_world = manifest.world_size == ctx.world_size
     own = [layout.per_rank_file(ctx.rank)] if same_world and layout.per_rank_file(ctx.rank) in manifest.files else []
     tensors = _Destinations(manifest, _targets(into or {}))
@@ -139,7 +139,7 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
         problems = _read_files(storage, base, manifest, mine + own, tensors)
     _agree_intact(ctx, step, "files", problems)
     if not everyone_reads:
-        for name, reader in zip(shared, readers):
+        for name, reader in zip(shared, readers, strict=True):
             if reader == ctx.rank:
                 _send(ctx, tensors.segments(name))
             else:
