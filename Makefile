@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: install demo test test-fast bench chaos clean
+.PHONY: install demo lint test test-fast bench chaos clean
 
 install: $(STAMP)
 
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python examples/demo.py --nproc $(NPROC)
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: install

@@ -11,8 +11,8 @@
   `state.module` and `state.optimizer` in place.
 
 dtrain is used as a training job uses it: one `SnapshotWriter` per run dir (at most one save in
-flight, the next save waits for the previous), default staging (`auto`: fork where the process may
-fork), the replicated model and optimizer spread over the ranks, and the commit protocol in full
+flight, the next save waits for the previous), default staging (`auto`: copy into host
+buffers reused from one save to the next), the replicated model and optimizer spread over the ranks, and the commit protocol in full
 (store barrier, manifest, rename, `latest`). `world_size` lets the resharding case save or restore
 with one process of a larger group, as a job restarted on fewer processes would.
 """
@@ -63,7 +63,7 @@ def save(state: BenchState, run_dir: Path, step: int, world_size: int | None = N
     """
     writer = _writer(run_dir, _context(state, world_size))
     pending = writer.save(step, {"model": state.module.state_dict(), "optimizer": state.optimizer.state_dict()},
-                          private={}, meta={})
+                          per_rank={}, meta={})
 
     def wait() -> None:
         pending.wait()  # raises SnapshotError when the snapshot was not committed

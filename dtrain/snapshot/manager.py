@@ -10,7 +10,6 @@ manifests on disk (`catalog.prune`). *When* to save is not decided here: see `po
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from dtrain.config import SnapshotConfig
@@ -123,12 +122,7 @@ class SnapshotManager:
     def _after_commit(self, result: SaveResult) -> None:
         logger.info("snapshot step %d committed: %.1f MB, stall %.3fs, commit %.3fs after staging -> %s",
                     result.step, result.bytes / 1e6, result.stall_seconds, result.commit_seconds, result.path)
-        started = time.perf_counter()
         try:
-            deleted = catalog.prune(self.storage, self.cfg, protected=frozenset({result.step}), nonce=self.ctx.nonce)
+            catalog.prune(self.storage, self.cfg, protected=frozenset({result.step}), nonce=self.ctx.nonce)
         except Exception as e:  # retention must never fail a save that is already committed
             logger.warning("retention after step %d failed and will be retried next time: %s", result.step, e)
-            return
-        if deleted:
-            logger.info("retention after step %d deleted %s in %.3fs", result.step, deleted,
-                        time.perf_counter() - started)
