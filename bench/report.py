@@ -222,8 +222,8 @@ def _table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, tuple("-" * w for w in widths) + ("-" * 4,), *body]:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())  # the last column is free text, left unpadded
     return "\n".join(lines)
 
 
