@@ -63,7 +63,7 @@ def save(state: BenchState, run_dir: Path, step: int, world_size: int | None = N
     """
     writer = _writer(run_dir, _context(state, world_size))
     pending = writer.save(step, {"model": state.module.state_dict(), "optimizer": state.optimizer.state_dict()},
-                          per_rank={}, meta={})
+                          per_rank={})
 
     def wait() -> None:
         pending.wait()  # raises SnapshotError when the snapshot was not committed

@@ -41,7 +41,7 @@ def main() -> None:
         for step in range(1, args.saves + 1):
             for mode, writer in writers.items():
                 started = time.perf_counter()
-                pending = writer.save(step, {"model": model.state_dict()}, {}, {})
+                pending = writer.save(step, {"model": model.state_dict()}, {})
                 stalls[mode].append(time.perf_counter() - started)
                 pending.wait()
             stalls["torch.save+fsync"].append(_torch_save(model, Path(tmp) / f"torch-{step}.pt"))

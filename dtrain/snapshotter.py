@@ -42,7 +42,7 @@ from dtrain.signals import PreemptionFlag, signal_name
 from dtrain.snapshot import layout
 from dtrain.snapshot.manager import SnapshotManager
 from dtrain.snapshot.policy import Progress, SavePolicy, YoungDaly, policies_from
-from dtrain.snapshot.writer import SaveResult
+from dtrain.snapshot.writer import SaveResult, SnapshotMeta
 from dtrain.state import RNG_KEY, RNGState, Stateful, seed_all, versions
 from dtrain.storage import LocalStorage, Storage
 
@@ -156,8 +156,7 @@ class Snapshotter:
         if metrics is not None:
             self.metrics = {**dict(metrics), "metrics_step": progress.step}
         _tell_samplers(state, progress.step)
-        meta = {"progress": {"step": progress.step}, "metrics": self.metrics, "config": self.hparams,
-                "versions": versions()}
+        meta = SnapshotMeta({"step": progress.step}, self.metrics, self.hparams, versions())
         started = time.perf_counter()
         pending = self.manager.save(progress.step, _state_dicts(state), {RNG_KEY: RNGState().state_dict()},
                                     meta, reason)

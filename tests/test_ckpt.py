@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dtrain.dist import solo_context
 from dtrain.snapshot import catalog, layout
-from dtrain.snapshot.writer import SnapshotWriter
+from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.conftest import REPO, dtrain_cmd, run
 
@@ -27,7 +27,7 @@ def run_dir(tmp_path: Path) -> Path:
     config = {"snapshot": {"keep_last": 2, "keep_best": 1, "best_metric": "val_loss", "best_mode": "min"}}
     for step, loss in LOSSES.items():
         model = {"w": torch.full((4,), float(step))}
-        writer.save(step, {"model": model}, {}, {"metrics": {"val_loss": loss}, "config": config}).wait()
+        writer.save(step, {"model": model}, {}, SnapshotMeta(metrics={"val_loss": loss}, config=config)).wait()
     return tmp_path / "run"
 
 

@@ -183,9 +183,9 @@ def test_a_stopped_writer_process_fails_the_save_at_its_deadline_and_is_killed(t
     """Before: a stopped writer child made the next save() block forever on its report pipe."""
     storage = _StopsInTheChild(tmp_path)
     writer = SnapshotWriter(storage, solo_context(), staging="fork", timeout_seconds=3)
-    writer.save(1, _model_state(), {}, {}).wait()
+    writer.save(1, _model_state(), {}).wait()
     children_before = set(_children())
-    pending = writer.save(2, _model_state(), {}, {})
+    pending = writer.save(2, _model_state(), {})
     [child] = set(_children()) - children_before
     assert pending.step == 2
     started = time.monotonic()
@@ -195,7 +195,7 @@ def test_a_stopped_writer_process_fails_the_save_at_its_deadline_and_is_killed(t
     assert not Path(f"/proc/{child}").exists()  # killed and reaped, not left behind
     assert catalog.committed_steps(storage) == [1]
     assert storage.listdir(layout.PENDING) == []  # the partial save was removed
-    writer.save(3, _model_state(), {}, {}).wait()  # the next save goes through
+    writer.save(3, _model_state(), {}).wait()  # the next save goes through
     assert catalog.committed_steps(storage) == [1, 3]
 
 
@@ -214,9 +214,9 @@ class _StuckDisk(LocalStorage):
 def test_a_stuck_disk_fails_the_save_at_its_deadline_and_it_never_commits_later(tmp_path: Path) -> None:
     storage = _StuckDisk(tmp_path)
     writer = SnapshotWriter(storage, solo_context(), staging="copy", timeout_seconds=2)
-    writer.save(1, _model_state(), {}, {}).wait()
+    writer.save(1, _model_state(), {}).wait()
     storage.stuck.set()
-    pending = writer.save(2, _model_state(), {}, {})
+    pending = writer.save(2, _model_state(), {})
     with pytest.raises(SnapshotError, match="step 2 did not finish within snapshot.timeout_seconds"):
         writer_wait_bounded(pending, grace=0)
     storage.release.set()  # the disk comes back after the save was given up
@@ -256,7 +256,7 @@ def test_an_error_after_the_commit_point_reports_the_snapshot_committed(tmp_path
     """Before: a failed `latest` update after the rename was reported as "not committed"
     although step_N was committed (and then counted as a failed save)."""
     storage = _LatestFails(tmp_path)
-    result = SnapshotWriter(storage, solo_context()).save(4, _model_state(), {}, {}).wait()
+    result = SnapshotWriter(storage, solo_context()).save(4, _model_state(), {}).wait()
     assert result.path == layout.committed_path(4)
     assert catalog.committed_steps(storage) == [4] and reader.verify(storage, 4) == []
     assert "is committed, but updating snapshots/latest failed" in caplog.text

@@ -18,6 +18,7 @@ from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
 from dtrain.snapshot.manager import SnapshotManager
 from dtrain.snapshot.policy import AUTO_FIRST_STEP, EverySeconds, Progress, YoungDaly, policies_from
+from dtrain.snapshot.writer import SnapshotMeta
 from dtrain.storage import LocalStorage
 
 STEP_SECONDS = 0.01
@@ -30,7 +31,7 @@ def _state() -> dict:
 
 
 def _save(manager: SnapshotManager, step: int):
-    return manager.save(step, _state(), {"rng": {"torch": torch.get_rng_state()}}, {"progress": {"step": step}},
+    return manager.save(step, _state(), {"rng": {"torch": torch.get_rng_state()}}, SnapshotMeta({"step": step}),
                         "interval")
 
 

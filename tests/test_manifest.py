@@ -17,7 +17,7 @@ from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
 from dtrain.snapshot import catalog, checksum, layout, reader
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, with_header
-from dtrain.snapshot.writer import SnapshotWriter
+from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.conftest import dtrain_cmd, run
 
@@ -226,7 +226,7 @@ def _save(root: Path) -> tuple[LocalStorage, dict[str, torch.Tensor]]:
     progress = {"step": STEP, "samples_seen": 40, "cursor": {"epoch": 0, "offset": 40}}
     SnapshotWriter(storage, solo_context()).save(
         STEP, {"model": model.state_dict(), "progress": progress}, {"rng": {"torch": torch.get_rng_state()}},
-        {"progress": progress, "metrics": {"val_loss": 1.0}}).wait()
+        SnapshotMeta(progress, {"val_loss": 1.0})).wait()
     return storage, {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -14,7 +14,7 @@ from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.staging import ForkedWriter
-from dtrain.snapshot.writer import SnapshotWriter
+from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
 from tests.workloads import restore_in_place, train, train_with_failing_rank
@@ -38,7 +38,7 @@ def test_snapshot_holds_its_step_although_training_changes_the_state_right_after
     expected = {k: v.clone() for k, v in live["model"].state_dict().items()}
     writer = SnapshotWriter(LocalStorage(tmp_path), solo_context(), file_bytes=16 << 10, staging=staging)
     pending = writer.save(7, {"model": live["model"].state_dict(), "optimizer": live["optimizer"].state_dict()},
-                          {"rng": {"torch": torch.get_rng_state()}}, {"progress": {"step": 7}})
+                          {"rng": {"torch": torch.get_rng_state()}}, SnapshotMeta({"step": 7}))
     with torch.no_grad():  # training goes on the moment the stall ends
         for p in live["model"].parameters():
             p.mul_(-3.0).add_(1.0)
@@ -55,7 +55,7 @@ def test_snapshot_holds_its_step_although_training_changes_the_state_right_after
 def test_optimizer_state_round_trips_exactly(tmp_path: Path) -> None:
     live = _state(1)
     SnapshotWriter(LocalStorage(tmp_path), solo_context()).save(
-        3, {"optimizer": live["optimizer"].state_dict()}, {}, {}).wait()
+        3, {"optimizer": live["optimizer"].state_dict()}, {}).wait()
     got = reader.restore(LocalStorage(tmp_path), 3).objects["optimizer"]
     want = live["optimizer"].state_dict()
     assert got["param_groups"] == want["param_groups"]
@@ -167,7 +167,7 @@ def test_a_run_whose_every_snapshot_is_corrupt_refuses_to_start_over(tmp_path: P
 def test_each_corruption_is_detected_by_name(tmp_path: Path, how: str) -> None:
     live = _state(3)
     storage = LocalStorage(tmp_path)
-    SnapshotWriter(storage, solo_context()).save(5, {"model": live["model"].state_dict()}, {"rng": {"x": torch.ones(3)}}, {}).wait()
+    SnapshotWriter(storage, solo_context()).save(5, {"model": live["model"].state_dict()}, {"rng": {"x": torch.ones(3)}}).wait()
     victim = storage.path(layout.committed_path(5)) / "replicated-00000.bin"
     CORRUPTIONS[how](victim)
     problems = reader.verify(storage, 5)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dtrain.snapshot.writer import SnapshotMeta
+
 VOCAB, DIM = 4096, 64  # the tied embedding: 1 MiB of float32, hundreds of pages
 FILE_BYTES = 1 << 18  # small shard files, so the larger tensors are cut over several files
 BAD_OUTER, BAD_INNER = "zoo_bad_outer", "zoo_bad_inner"  # distinctive keys an error must name
@@ -406,6 +408,5 @@ def restored_record(restored: Any) -> dict[str, Any]:
 
 
 
-def meta(step: int) -> dict[str, Any]:
-    return {"progress": {"step": step}, "metrics": {"loss": 0.25}, "config": {"zoo": True},
-            "versions": {"torch": torch.__version__}}
+def meta(step: int) -> SnapshotMeta:
+    return SnapshotMeta({"step": step}, {"loss": 0.25}, {"zoo": True}, {"torch": torch.__version__})

@@ -16,7 +16,7 @@ from dtrain.config import SnapshotConfig
 from dtrain.dist import DistContext
 from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import catalog, layout, reader
-from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotWriter
+from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotMeta, SnapshotWriter
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class SnapshotManager:
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any],
+    def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any], meta: SnapshotMeta,
              reason: str) -> PendingSnapshot | None:
         """Start a save of `step` (once per step). A failed earlier save is counted here."""
         if step == self.last_started_step:

@@ -72,6 +72,21 @@ class SaveResult:
 
 
 @dataclass(frozen=True)
+class SnapshotMeta:
+    """What a snapshot records besides the state: where training stands, the metrics that rank it
+    for retention, the settings of the run and the software that wrote it."""
+
+    progress: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def frozen(self) -> SnapshotMeta:
+        """A deep copy as JSON would hold it: later changes to the caller's dicts must not leak in."""
+        return SnapshotMeta(**json.loads(json.dumps(asdict(self))))
+
+
+@dataclass(frozen=True)
 class ShardReport:
     """What one rank tells rank 0 once its files are durable (or could not be written)."""
 
@@ -122,7 +137,7 @@ class StagedSnapshot:
     nbytes: int = 0
     unowned: list[memoryview] | None = None
     """Fork staging: views of the pieces other ranks write, which the child gives up at once."""
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: SnapshotMeta = field(default_factory=SnapshotMeta)
     objects: dict[str, Any] = field(default_factory=dict)
     replicated_tensors: dict[str, TensorEntry] = field(default_factory=dict)
     stall_seconds: float = 0.0
@@ -170,7 +185,7 @@ class SnapshotWriter:
     Example::
 
         writer = SnapshotWriter(LocalStorage(run_dir), ctx)
-        pending = writer.save(step, {"model": model.state_dict()}, {"rng": rng.state_dict()}, meta)
+        pending = writer.save(step, {"model": model.state_dict()}, {"rng": rng.state_dict()}, SnapshotMeta(progress))
         ...                     # training goes on
         result = pending.wait()  # committed, or raises SnapshotError
     """
@@ -191,7 +206,7 @@ class SnapshotWriter:
         self._buffers = StagingBuffers()
 
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any],
-             meta: dict[str, Any]) -> PendingSnapshot:
+             meta: SnapshotMeta = SnapshotMeta()) -> PendingSnapshot:
         """Stage now, write and commit in the background. Waits for a save still in flight first."""
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
@@ -218,7 +233,7 @@ class SnapshotWriter:
             raise
 
     def stage(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any],
-              meta: dict[str, Any]) -> StagedSnapshot:
+              meta: SnapshotMeta = SnapshotMeta()) -> StagedSnapshot:
         """Plan the files and hold this rank's bytes: copied, or (fork staging) as views of the live tensors."""
         rank, world = self.ctx.rank, self.ctx.world_size
         objects, found = {}, {}
@@ -247,7 +262,7 @@ class SnapshotWriter:
             unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
         )
         if rank == 0:
-            staged.meta = json.loads(json.dumps(meta))  # frozen now: later changes must not leak in
+            staged.meta = meta.frozen()
             staged.objects = json.loads(json.dumps(objects))
             staged.replicated_tensors = _entries(plan, shared.stored, shared.views)
         return staged
@@ -382,8 +397,8 @@ class SnapshotWriter:
             tensors.update(r.per_rank_tensors)
         return Manifest(
             step=staged.step, world_size=self.ctx.world_size, created_unix=time.time(),
-            progress=staged.meta.get("progress", {}), metrics=staged.meta.get("metrics", {}),
-            config=staged.meta.get("config", {}), versions=staged.meta.get("versions", {}),
+            progress=staged.meta.progress, metrics=staged.meta.metrics,
+            config=staged.meta.config, versions=staged.meta.versions,
             objects=staged.objects, per_rank=[r.per_rank for r in reports], tensors=tensors, files=files,
         )
 
