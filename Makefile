@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: install demo lint test test-fast bench chaos clean
+.PHONY: install demo lint test test-fast soak bench chaos clean
 
 install: $(STAMP)
 
@@ -23,10 +23,13 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m "not soak"
 
 test-fast: install
-	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not soak"
+
+soak: install
+	$(BIN)/python -m pytest -n 2 -q -m soak
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from chaos.launch import STARTED, STEP, Launch, Settings, committed_steps  # noqa: E402
-from tests.procs import kill, ranks_now  # noqa: E402
+from support.procs import kill, ranks_now  # noqa: E402
 
 LAYERS = 4
 _POLL_S = 0.01

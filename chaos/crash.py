@@ -3,9 +3,15 @@
     python -m chaos.run --only crash --trials 200 --seed 7
     pytest tests/test_crash_consistency.py --chaos-trials 12      # CHAOS_SEED=7 replays a seed
 
-The trials form a chain on one run dir. Each is one fresh `torchrun --max-restarts 0` launch: it
-resumes from what the previous kill left, trains, and one worker gets SIGKILL, either at a random
-moment or in a chosen phase of a save. The run dir is polled about every millisecond for the
+Two workloads take turns, trial by trial, each with its own run dir (`--workload` picks one):
+`teacher`, the built-in MLP, and `tied`, a small language model whose output head is tied to its
+token embedding and whose buffer is a view of a parameter (dtrain/examples/tied.py), saved in
+1 MiB files so its largest tensors are split over files. Both staging modes take turns too, a
+round of workloads at a time (`--staging` picks one): `copy`, the default, and `fork`, whose
+writer is a forked child of each worker. The trials of one workload form a chain on its run dir.
+Each is one fresh `torchrun --max-restarts 0` launch: it resumes from what the previous kill of
+that workload left, trains, and one worker gets SIGKILL, either at a random moment or in a
+chosen phase of a save. The run dir is polled about every millisecond for the
 phase's signature (`chaos.phases`); on a sighting both workers are SIGSTOPped and the run dir and
 rank 0's log read again: if the frozen run is still in that phase the victim gets SIGKILL there and
 the survivor SIGCONT, otherwise both go on and the poll continues. So the victim dies in exactly the
@@ -13,7 +19,10 @@ state that was read, and the phase recorded is where the kill landed, not where 
 The seed fixes the targets, victims and delays; the instants depend on scheduling, so a replay aims
 at the same phases rather than the same microsecond.
 
-After each kill torchrun must exit by itself, and then the run dir must show no torn snapshot
+After each kill torchrun must exit by itself, and within a few seconds no process of the run may
+remain: a writer a worker forked dies with it, so one still alive (a child stuck inside the fork,
+single-threaded and reparented to init, say) is a violation, recorded with its pid, state and
+kernel wait channel, then killed. Then the run dir must show no torn snapshot
 (every `step_*` dir holds its manifest and exactly the files it lists), `dtrain ckpt verify` must
 pass, `ckpt list` must list those snapshots, and `latest` must name one. The next launch must
 remove any temp file the kill left in `snapshots/` (a `latest` update cut short) before it trains,
@@ -43,17 +52,26 @@ from pathlib import Path
 from typing import Any
 
 from chaos import phases
-from chaos.launch import Launch, LaunchError, Settings, cli, committed_steps, last_step
+from chaos.launch import LEFTOVER_GRACE, Launch, LaunchError, Settings, cli, committed_steps, last_step, leftovers
+from dtrain.errors import DTrainError
 from dtrain.snapshot import layout
-from tests.procs import freeze, kill, kill_tree, thaw, worker_ranks
+from support.procs import freeze, kill, kill_tree, thaw, worker_ranks
 
 EVERY = 3
-SETTINGS = Settings((
-    "train.steps=1000000", f"snapshot.every_steps={EVERY}", "snapshot.keep_last=2", "snapshot.keep_best=0",
-    "snapshot.keep_every=0", "snapshot.file_mb=4", "task.options.hidden=768", "train.log_every_steps=1",
-))
+_CHAIN = ("train.steps=1000000", f"snapshot.every_steps={EVERY}", "snapshot.keep_last=2", "snapshot.keep_best=0",
+          "snapshot.keep_every=0", "train.log_every_steps=1")
+SETTINGS = Settings((*_CHAIN, "snapshot.file_mb=4", "task.options.hidden=768"))
 """Frequent saves and a retention delete after each commit; a 14.6 MB snapshot in six files of
 about 2.4 MB spread over both ranks, plus one small file per rank, so both ranks write for a while."""
+TIED_SETTINGS = Settings((*_CHAIN, "snapshot.file_mb=1", "task.options.vocab=2048", "task.options.d_model=136",
+                          "task.options.seq_len=8", "task.options.n_layer=1"), config="examples/tied.toml")
+"""The tied-embedding language model: a 1.06 MiB embedding under two names (the head is tied to
+it) and a buffer that views the position table; about 10 MB in 1 MiB files, so the embedding and
+its Adam moments are each split over two files, which the ranks write separately."""
+WORKLOADS = {"teacher": SETTINGS, "tied": TIED_SETTINGS}
+"""What the trials train, in turn (trial i: the (i mod n)-th workload asked for)."""
+STAGINGS = ("copy", "fork")
+"""How the trials stage their saves (`snapshot.staging`), in turn: one mode for a round of workloads."""
 
 TARGETS = ("random", *phases.PHASES[1:])
 """What a trial aims at: a random moment, or the first sight of one save phase."""
@@ -68,6 +86,10 @@ class Trial:
     index: int
     target: str
     victim_rank: int
+    workload: str
+    """Which of WORKLOADS this trial trained."""
+    staging: str
+    """Its `snapshot.staging`, one of STAGINGS."""
     phase: str = ""
     state: str = ""
     last_step: int = 0
@@ -94,7 +116,8 @@ class CrashReport:
 
     @property
     def violations(self) -> list[str]:
-        return [f"trial {t.index} ({t.target} -> {t.phase}): {v}" for t in self.trials for v in t.violations]
+        return [f"trial {t.index} ({t.workload}, {t.staging}, {t.target} -> {t.phase}): {v}" for t in self.trials
+                for v in t.violations]
 
     def litter(self) -> list[str]:
         """Every temp file a kill left in `snapshots/` (a restart that kept one is a violation)."""
@@ -107,6 +130,8 @@ class CrashReport:
         replayed = [t.replayed for t in self.trials if t.replayed is not None]
         return {"seed": self.seed, "trials": len(self.trials), "seconds": round(self.seconds, 1),
                 "bound": self.bound, "violations": self.violations, "litter": self.litter(),
+                "workloads": {w: sum(t.workload == w for t in self.trials) for w in WORKLOADS},
+                "stagings": {m: sum(t.staging == m for t in self.trials) for m in STAGINGS},
                 "phases": {p: len(ts) for p, ts in self.by_phase().items()},
                 "replayed_max": max(replayed, default=None),
                 "replayed_median": statistics.median(replayed) if replayed else None,
@@ -114,41 +139,62 @@ class CrashReport:
 
 
 class CrashHarness:
-    """Runs `trials` kill-and-restart trials on `root/run`, seeded by `seed`."""
+    """Runs `trials` kill-and-restart trials, seeded by `seed`, the `workloads` in turn, each on
+    `root/WORKLOAD/run`, and the `stagings` in turn, a round of workloads each."""
 
-    def __init__(self, root: Path, seed: int, trials: int, say: Callable[[str], None] = print) -> None:
+    def __init__(self, root: Path, seed: int, trials: int, say: Callable[[str], None] = print,
+                 workloads: tuple[str, ...] = tuple(WORKLOADS), stagings: tuple[str, ...] = STAGINGS) -> None:
+        for kind, asked, known in (("workload", workloads, tuple(WORKLOADS)), ("staging", stagings, STAGINGS)):
+            if not asked or set(asked) - set(known):
+                raise ValueError(f"{kind}s {asked!r}: choose one or more of {', '.join(known)}")
         self.root, self.seed, self.say = root, seed, say
-        self.run_dir = root / "run"
+        self.workloads, self.stagings = workloads, stagings
         self.rng = random.Random(seed)
         self.targets = plan_targets(self.rng, trials)
         self.shards: dict[str, int] | None = None
         self.start = 0
 
+    def run_dir(self, workload: str) -> Path:
+        return self.root / workload / "run"
+
+    def plan(self, index: int) -> tuple[str, str]:
+        """The workload and the staging mode of trial `index`: every pair once in each round."""
+        rounds, turn = divmod(index, len(self.workloads))
+        return self.workloads[turn], self.stagings[rounds % len(self.stagings)]
+
     def run(self) -> CrashReport:
         self.say(f"crash harness: {len(self.targets)} trials, seed {self.seed} (replay with this seed), "
-                 f"run dir {self.run_dir}")
+                 f"workloads {', '.join(self.workloads)} and staging {', '.join(self.stagings)} in turn, "
+                 f"run dirs {self.root}/WORKLOAD/run")
         started, trials = time.monotonic(), []
+        last: dict[str, Trial] = {}  # each workload's newest trial: what its next launch resumes from
+        workload = self.workloads[0]
         try:
             for index, target in enumerate(self.targets):
-                args = SETTINGS.train_args(self.run_dir)
-                with _launched(Launch(self.run_dir, args, self.root / f"launch-{index:03d}.log")) as launch:
-                    start = self._check_resume(launch, trials[-1] if trials else None)
-                    trials.append(self._trial(index, target, launch, start))
-            self._final_launch(trials[-1] if trials else None)
-        except LaunchError as e:  # a restart that fails ends the chain: the run dir is what failed
-            if not trials:
+                workload, staging = self.plan(index)
+                run_dir = self.run_dir(workload)
+                log = self.root / workload / f"launch-{index:03d}.log"
+                args = WORKLOADS[workload].train_args(run_dir, f'snapshot.staging="{staging}"')
+                with _launched(Launch(run_dir, args, log)) as launch:
+                    start = self._check_resume(launch, last.get(workload))
+                    last[workload] = self._trial(index, workload, staging, target, launch, start)
+                    trials.append(last[workload])
+            for workload, trial in last.items():
+                self._final_launch(workload, trial)
+        except LaunchError as e:  # a restart that fails ends the chains: its run dir is what failed
+            if workload not in last:
                 raise
-            trials[-1].violations.append(f"the restart failed: {e}")
-            self.say(_line(trials[-1]))
+            last[workload].violations.append(f"the restart failed: {e}")
+            self.say(_line(last[workload]))
         return CrashReport(self.seed, trials, time.monotonic() - started)
 
     # -- one trial ----------------------------------------------------------------------------
 
-    def _trial(self, index: int, target: str, launch: Launch, start: int) -> Trial:
+    def _trial(self, index: int, workload: str, staging: str, target: str, launch: Launch, start: int) -> Trial:
         began = time.monotonic()
         ranks = worker_ranks(launch.pid, 2)
         victim = 0 if target in phases.RANK0_ONLY else self.rng.choice(sorted(ranks))
-        trial = Trial(index, target, victim, last_step=start)
+        trial = Trial(index, target, victim, workload, staging, last_step=start)
         self.shards, self.start = None, start  # a resumed run may lay its files out anew: learn them again
         self._strike(launch, ranks, trial)
         code = launch.await_exit(_EXIT_TIMEOUT)
@@ -158,10 +204,11 @@ class CrashHarness:
             trial.violations.append(f"torchrun did not exit within {_EXIT_TIMEOUT:g}s of the kill")
         elif code == 0:
             trial.violations.append("torchrun exited 0 after a worker was SIGKILLed")
+        trial.violations += outlived(launch)
         trial.last_step = last_step(launch.metrics()) or trial.last_step
-        trial.violations += check_run_dir(self.run_dir)
-        trial.litter = litter(self.run_dir)
-        committed = committed_steps(self.run_dir)
+        trial.violations += check_run_dir(launch.run_dir)
+        trial.litter = litter(launch.run_dir)
+        committed = committed_steps(launch.run_dir)
         trial.newest = committed[-1] if committed else 0
         trial.seconds = time.monotonic() - began
         return trial
@@ -191,8 +238,8 @@ class CrashHarness:
         freeze(pids)
         killed = False
         try:
-            state = phases.observe(self.run_dir, launch.watch)
-            phase = phases.classify(state, self._shard_sizes())
+            state = phases.observe(launch.run_dir, launch.watch)
+            phase = phases.classify(state, self._shard_sizes(launch.run_dir))
             known = self.shards is not None or only_in not in (phases.WRITE, phases.SHARDS)
             if only_in is None or (phase == only_in and known):  # a full write reads as `write` until then
                 trial.phase, trial.state = phase, phases.describe(state)
@@ -202,13 +249,13 @@ class CrashHarness:
         return killed
 
     def _phase_now(self, launch: Launch) -> str:
-        return phases.classify(phases.observe(self.run_dir, launch.watch), self._shard_sizes())
+        return phases.classify(phases.observe(launch.run_dir, launch.watch), self._shard_sizes(launch.run_dir))
 
-    def _shard_sizes(self) -> dict[str, int] | None:
+    def _shard_sizes(self, run_dir: Path) -> dict[str, int] | None:
         """Shard sizes from the first snapshot this launch committed (None before it has one)."""
         if self.shards is None:
-            mine = [s for s in committed_steps(self.run_dir) if s > self.start]
-            self.shards = phases.shard_sizes(self.run_dir, mine[0]) if mine else None
+            mine = [s for s in committed_steps(run_dir) if s > self.start]
+            self.shards = phases.shard_sizes(run_dir, mine[0]) if mine else None
         return self.shards
 
     # -- the restart ----------------------------------------------------------------------------
@@ -227,36 +274,46 @@ class CrashHarness:
                                        f"resumed {resumed}) > 2 * every_steps = {2 * EVERY}")
         if "falling back" in launch.watch.text():
             previous.violations.append("a committed snapshot failed verification on resume")
-        kept = sorted(set(previous.litter) & set(litter(self.run_dir)))  # this launch's own have other pids
+        kept = sorted(set(previous.litter) & set(litter(launch.run_dir)))  # this launch's own have other pids
         if kept:
             previous.violations.append(f"the restart left the kill's temp file(s) in snapshots/: {', '.join(kept)}")
         self.say(_line(previous))
         return resumed
 
-    def _final_launch(self, previous: Trial | None) -> None:
+    def _final_launch(self, workload: str, previous: Trial) -> None:
         """A last restart trains a few steps and finishes: the run goes on after every kill."""
-        if previous is None:
-            return
         steps = previous.newest + EVERY
-        args = SETTINGS.train_args(self.run_dir, f"train.steps={steps}")
-        with _launched(Launch(self.run_dir, args, self.root / "launch-final.log")) as launch:
+        run_dir = self.run_dir(workload)
+        args = WORKLOADS[workload].train_args(run_dir, f"train.steps={steps}", f'snapshot.staging="{previous.staging}"')
+        with _launched(Launch(run_dir, args, self.root / workload / "launch-final.log")) as launch:
             self._check_resume(launch, previous)
             code = launch.await_exit(_EXIT_TIMEOUT)
+            left = outlived(launch)
         if code != 0:
             previous.violations.append(f"the final restart exited {code}:\n{launch.tail()}")
-        previous.violations += check_run_dir(self.run_dir)
-        self.say(f"  final restart: resumed from step {previous.resumed}, finished at step {steps} (exit {code})")
+        previous.violations += left + check_run_dir(run_dir)
+        self.say(f"  final restart ({workload}): resumed from step {previous.resumed}, finished at step {steps} "
+                 f"(exit {code})")
 
 
 @contextlib.contextmanager
 def _launched(launch: Launch) -> Iterator[Launch]:
-    """A launch whose whole process tree is gone when the block ends, however it ends."""
+    """A launch whose every process is gone when the block ends, however it ends: its tree, and
+    any process of its run dir that left the tree (one the trial already recorded, or missed)."""
     try:
         yield launch
     finally:
         if launch.proc.poll() is None:
             kill_tree(launch.pid)
             launch.proc.wait()
+        for p in leftovers(launch.run_dir):
+            kill(p.pid, signal.SIGKILL)
+
+
+def outlived(launch: Launch) -> list[str]:
+    """Once torchrun has exited: a violation for each process of its run still alive a few seconds
+    later (each killed once recorded)."""
+    return [f"a process outlived its run by {LEFTOVER_GRACE:g}s: {p}" for p in launch.leftovers()]
 
 
 def plan_targets(rng: random.Random, trials: int) -> list[str]:
@@ -301,7 +358,10 @@ def _torn(snapshot: Path) -> list[str]:
     manifest = snapshot / layout.MANIFEST
     if not manifest.exists():
         return [f"{snapshot.name} is visible without a manifest (a torn snapshot)"]
-    listed = set(json.loads(manifest.read_text())["files"])
+    try:
+        listed = set(phases.manifest_files(snapshot))
+    except DTrainError as e:
+        return [f"{snapshot.name}: its manifest does not read back: {e}"]
     present = {p.name for p in snapshot.iterdir()} - {layout.MANIFEST}
     if listed != present:
         return [f"{snapshot.name}: files {sorted(present)} on disk, the manifest lists {sorted(listed)}"]
@@ -310,5 +370,6 @@ def _torn(snapshot: Path) -> list[str]:
 
 def _line(t: Trial) -> str:
     extra = "".join(f"\n    ! {v}" for v in t.violations) + "".join(f"\n    note: {n}" for n in t.notes)
-    return (f"  trial {t.index:3d}  target {t.target:<16} landed {t.phase:<16} rank {t.victim_rank}  "
-            f"last step {t.last_step:4d}  resumed {t.resumed!s:>4}  replayed {t.replayed!s:>2}  {t.seconds:5.1f}s{extra}")
+    return (f"  trial {t.index:3d}  {t.workload:<7} {t.staging:<4}  target {t.target:<16} landed {t.phase:<16} "
+            f"rank {t.victim_rank}  last step {t.last_step:4d}  resumed {t.resumed!s:>4}  "
+            f"replayed {t.replayed!s:>2}  {t.seconds:5.1f}s{extra}")

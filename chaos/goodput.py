@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.launch import STARTED, STEP, Launch, Settings, committed_steps
-from tests.conftest import REPO
-from tests.procs import kill, ranks_now
+from support.procs import REPO, kill, ranks_now
 
 BASE = (
     "train.steps=1000000", "snapshot.keep_last=2", "snapshot.keep_best=0", "snapshot.keep_every=0",

@@ -18,13 +18,13 @@ the first commit, a complete set of shards cannot be told from a partial one and
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtrain.snapshot import layout
+from dtrain.snapshot.manifest import Manifest
 
 STEP, STAGING, WRITE, SHARDS, MANIFEST, LATEST, RETENTION = (
     "step", "staging", "write", "shards written", "manifest written", "latest update", "retention delete")
@@ -132,8 +132,13 @@ def classify(state: RunDirState, shard_sizes: dict[str, int] | None) -> str:
 
 def shard_sizes(run_dir: Path, step: int) -> dict[str, int]:
     """{file: bytes} of a committed snapshot's shards, from its manifest."""
-    manifest = json.loads((run_dir / layout.committed_path(step) / layout.MANIFEST).read_text())
-    return {name: f["bytes"] for name, f in manifest["files"].items()}
+    return manifest_files(run_dir / layout.committed_path(step))
+
+
+def manifest_files(snapshot: Path) -> dict[str, int]:
+    """{file: bytes} that a snapshot dir's manifest lists, read and checked as a resume reads it."""
+    path = snapshot / layout.MANIFEST
+    return {name: f.bytes for name, f in Manifest.from_bytes(path.read_bytes(), str(path)).files.items()}
 
 
 def describe(state: RunDirState) -> str:

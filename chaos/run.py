@@ -3,6 +3,7 @@
     python -m chaos.run                                   # defaults: 200 trials, 3 x 2 runs of 90 s (~45 min)
     python -m chaos.run --quick                           # ~10 min: 24 trials, 3 x 2 runs of 40 s
     python -m chaos.run --only crash --trials 40 --seed 7 # replay the kill plan of seed 7
+    python -m chaos.run --only crash --workload tied --staging fork  # one workload, one staging
     python -m chaos.run --only goodput --seconds 60 --mean-interval 20 --intervals 2,25,50,auto
 
 Exit status 1 when a trial found a violation or weights differed; the seed to replay is printed first.
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"seed": seed, "args": vars(args)}
     ok = True
     if args.only in (None, "crash"):
-        report = crash.CrashHarness(work / "crash", seed, args.trials, say=say).run()
+        workloads = tuple(dict.fromkeys(args.workload or crash.WORKLOADS))
+        stagings = tuple(dict.fromkeys(args.staging or crash.STAGINGS))
+        report = crash.CrashHarness(work / "crash", seed, args.trials, say=say, workloads=workloads,
+                                    stagings=stagings).run()
         results["crash"] = report.to_json()
         print(crash_table(report), flush=True)
         ok &= not report.violations
@@ -66,6 +70,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="snapshot.every_steps values to compare: small, large, auto (default 3,200,auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default: a fresh one, printed)")
     p.add_argument("--only", choices=["crash", "goodput"], help="run one part")
+    p.add_argument("--workload", action="append", choices=list(crash.WORKLOADS),
+                   help="what the crash trials train; repeat for several (default: all of them, in turn)")
+    p.add_argument("--staging", action="append", choices=list(crash.STAGINGS),
+                   help="snapshot.staging of the crash trials; repeat for several (default: all of them, in turn)")
     p.add_argument("--quick", action="store_true", help="24 trials and 40 s goodput runs")
     p.add_argument("--work", help="where runs go (default: a temp dir, removed when all passed)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -83,6 +91,11 @@ def crash_table(report: crash.CrashReport) -> str:
             f"{'replay max':>10} {'median':>6} {'violations':>10}"]
     for phase, trials in report.by_phase().items():
         rows.append(_crash_row(phase, trials, report.trials))
+    for kind, values in (("workload", crash.WORKLOADS), ("staging", crash.STAGINGS)):
+        for value in values:
+            trials = [t for t in report.trials if getattr(t, kind) == value]
+            if trials and len(trials) < len(report.trials):
+                rows.append(_crash_row(f"({value})", trials, report.trials))
     rows.append(_crash_row("all", report.trials, report.trials))
     if report.litter():
         rows.append(f"left in snapshots/ by kills (removed by the next start): {', '.join(report.litter())}")

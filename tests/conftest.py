@@ -3,12 +3,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from support.procs import REPO, dtrain_cmd, torchrun_cmd  # noqa: F401  (the tests' own names for them)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -18,15 +17,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def chaos_trials(request: pytest.FixtureRequest) -> int:
     return request.config.getoption("--chaos-trials")
-
-
-def dtrain_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dtrain", *args]
-
-
-def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *extra, "-m", "dtrain", *args]
 
 
 def run(cmd: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:

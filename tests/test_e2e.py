@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from dtrain.snapshot import layout
+from support.procs import kill, kill_tree, wait_for, workers
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.procs import kill, kill_tree, wait_for, workers
 
 SETTINGS = ["--set", "train.steps=60", "--set", "snapshot.every_steps=10", "--set", "task.options.hidden=768",
             "--set", "task.options.num_samples=2048", "--set", "train.log_every_steps=10"]

@@ -59,8 +59,8 @@ from safetensors.torch import load_file
 
 from dtrain.snapshot import catalog
 from dtrain.storage import LocalStorage
+from support.procs import kill, kill_tree, wait_for, workers
 from tests.conftest import REPO, dtrain_cmd, run, torchrun_cmd
-from tests.procs import kill, kill_tree, wait_for, workers
 
 pytestmark = pytest.mark.slow
 

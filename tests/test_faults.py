@@ -11,8 +11,8 @@ import pytest
 
 from dtrain.snapshot import catalog, layout, reader
 from dtrain.storage import LocalStorage
+from support.procs import wait_for
 from tests.distributed import run_ranks
-from tests.procs import wait_for
 from tests.workloads import train, train_on_slow_disk
 
 BIG = ["task.options.hidden=512", "snapshot.every_steps=10", "snapshot.keep_last=1", "train.steps=30",

@@ -24,8 +24,8 @@ from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.manifest import with_header
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
+from support.procs import wait_for
 from tests.conftest import REPO, dtrain_cmd, run
-from tests.procs import wait_for
 
 SMALL = ["--set", "task.options.num_samples=480", "--set", "task.options.eval_samples=64",
          "--set", "task.options.hidden=32", "--set", "train.global_batch_size=32",
@@ -236,7 +236,7 @@ def writer_wait_bounded(pending, grace: float) -> None:
 
 
 def _children() -> list[int]:
-    from tests.procs import children
+    from support.procs import children
 
     return children(os.getpid())
 

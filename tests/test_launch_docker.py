@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from support.procs import wait_for
 from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.procs import wait_for
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SETTINGS = ["--set", "train.steps=400", "--set", "snapshot.every_steps=50", "--set", "train.log_every_steps=50"]

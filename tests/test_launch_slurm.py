@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from support.procs import wait_for
 from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.procs import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from support.procs import kill_tree, wait_for
 from tests.conftest import REPO, dtrain_cmd, run, uninterrupted_weights
 from tests.conftest import export_weights as _export
-from tests.procs import kill_tree, wait_for
 
 LAUNCHER = REPO / "launch" / "torchrun.sh"
 SCRIPTS = [LAUNCHER, REPO / "launch" / "slurm.sbatch", *sorted((REPO / "launch" / "ci").glob("*.sh"))]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from dtrain.snapshot import catalog, layout
 from dtrain.storage import LocalStorage
+from support.procs import children, kill, kill_tree, rank_of, wait_for
 from tests.conftest import REPO, export_weights, run
-from tests.procs import children, kill, kill_tree, rank_of, wait_for
 
 STEPS = 60
 SEED = 20261129

@@ -14,8 +14,8 @@ import pytest
 from dtrain.signals import EXIT_PREEMPTED
 from dtrain.snapshot import catalog, layout, reader
 from dtrain.storage import LocalStorage
+from support.procs import kill, kill_tree, wait_for, workers
 from tests.conftest import REPO, torchrun_cmd
-from tests.procs import kill, kill_tree, wait_for, workers
 
 ARGS = ["--set", "train.steps=100000", "--set", "snapshot.every_steps=50", "--set", "task.options.hidden=256"]
 PREEMPTED = re.compile(r"preempted at step (\d+)")

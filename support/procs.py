@@ -1,11 +1,24 @@
-"""Finding and killing the processes a launcher started, as a scheduler or a failure would."""
+"""Starting dtrain under torchrun, and finding and killing the processes a launcher started, as a
+scheduler or a failure would."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dtrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dtrain", *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *extra, "-m", "dtrain", *args]
 
 
 def children(pid: int) -> list[int]:
