@@ -41,8 +41,9 @@ from dtrain.sampler import ResumableSampler
 from dtrain.signals import PreemptionFlag, signal_name
 from dtrain.snapshot import layout
 from dtrain.snapshot.manager import SnapshotManager
+from dtrain.snapshot.messages import SnapshotMeta
 from dtrain.snapshot.policy import Progress, SavePolicy, YoungDaly, policies_from
-from dtrain.snapshot.writer import SaveResult, SnapshotMeta
+from dtrain.snapshot.writer import SaveResult
 from dtrain.state import RNG_KEY, RNGState, Stateful, seed_all, versions
 from dtrain.storage import LocalStorage, Storage
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from dtrain.dist import solo_context
 from dtrain.snapshot import catalog, layout
-from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
+from dtrain.snapshot.messages import SnapshotMeta
+from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.conftest import REPO, dtrain_cmd, run
 

@@ -17,8 +17,8 @@ from dtrain.dist import solo_context
 from dtrain.snapshot import catalog, layout, reader
 from dtrain.snapshot.interval import SaveCostMeter, young_daly_steps
 from dtrain.snapshot.manager import SnapshotManager
+from dtrain.snapshot.messages import SnapshotMeta
 from dtrain.snapshot.policy import AUTO_FIRST_STEP, EverySeconds, Progress, YoungDaly, policies_from
-from dtrain.snapshot.writer import SnapshotMeta
 from dtrain.storage import LocalStorage
 
 STEP_SECONDS = 0.01

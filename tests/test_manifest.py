@@ -17,7 +17,8 @@ from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
 from dtrain.snapshot import catalog, checksum, layout, reader
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, with_header
-from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
+from dtrain.snapshot.messages import SnapshotMeta
+from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.conftest import dtrain_cmd, run
 

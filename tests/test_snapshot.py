@@ -13,8 +13,9 @@ import torch
 from dtrain.dist import solo_context
 from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import catalog, layout, reader
+from dtrain.snapshot.messages import SnapshotMeta
 from dtrain.snapshot.staging import ForkedWriter
-from dtrain.snapshot.writer import SnapshotMeta, SnapshotWriter
+from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
 from tests.workloads import restore_in_place, train, train_with_failing_rank

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtrain.snapshot.writer import SnapshotMeta
+from dtrain.snapshot.messages import SnapshotMeta
 
 VOCAB, DIM = 4096, 64  # the tied embedding: 1 MiB of float32, hundreds of pages
 FILE_BYTES = 1 << 18  # small shard files, so the larger tensors are cut over several files

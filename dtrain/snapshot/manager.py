@@ -16,7 +16,8 @@ from dtrain.config import SnapshotConfig
 from dtrain.dist import DistContext
 from dtrain.errors import CorruptSnapshotError, SnapshotError
 from dtrain.snapshot import catalog, layout, reader
-from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotMeta, SnapshotWriter
+from dtrain.snapshot.messages import SnapshotMeta
+from dtrain.snapshot.writer import PendingSnapshot, SaveResult, SnapshotWriter
 from dtrain.storage import Storage
 
 logger = logging.getLogger(__name__)

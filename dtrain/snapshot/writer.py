@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -51,6 +51,7 @@ from dtrain.errors import SnapshotError
 from dtrain.snapshot import checksum, layout
 from dtrain.snapshot.aliases import split_shared
 from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, View, dtype_name
+from dtrain.snapshot.messages import Outcome, ShardReport, SnapshotMeta
 from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
 from dtrain.snapshot.staging import ForkedWriter, PageReleaser, StagingBuffers, byte_view, can_fork
 from dtrain.snapshot.tree import as_bytes, flatten
@@ -69,58 +70,6 @@ class SaveResult:
     bytes: int
     stall_seconds: float
     commit_seconds: float
-
-
-@dataclass(frozen=True)
-class SnapshotMeta:
-    """What a snapshot records besides the state: where training stands, the metrics that rank it
-    for retention, the settings of the run and the software that wrote it."""
-
-    progress: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def frozen(self) -> SnapshotMeta:
-        """A deep copy as JSON would hold it: later changes to the caller's dicts must not leak in."""
-        return SnapshotMeta(**json.loads(json.dumps(asdict(self))))
-
-
-@dataclass(frozen=True)
-class ShardReport:
-    """What one rank tells rank 0 once its files are durable (or could not be written)."""
-
-    rank: int
-    files: dict[str, FileEntry]
-    error: str | None
-    per_rank: dict[str, Any]
-    """The JSON skeletons of this rank's own state (its RNG streams)."""
-    per_rank_tensors: dict[str, TensorEntry]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: bytes) -> ShardReport:
-        raw = json.loads(text)
-        return cls(raw["rank"], {k: FileEntry(**f) for k, f in raw["files"].items()}, raw["error"], raw["per_rank"],
-                   {k: _entry_from_json(e) for k, e in raw["per_rank_tensors"].items()})
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What rank 0 publishes once it committed a save, or gave it up."""
-
-    path: str | None
-    bytes: int = 0
-    error: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: bytes) -> Outcome:
-        return cls(**json.loads(text))
 
 
 @dataclass
@@ -458,11 +407,6 @@ def _entries(plan: list[PlannedFile], stored: dict[str, torch.Tensor],
             entries[p.key].pieces.append(Piece(planned.name, p.file_offset, p.tensor_offset, p.nbytes))
     entries.update({k: TensorEntry(dtype_name(t.dtype), list(t.shape), [], view) for k, (t, view) in views.items()})
     return entries
-
-
-def _entry_from_json(d: dict[str, Any]) -> TensorEntry:
-    view = View(**d["view"]) if d.get("view") else None
-    return TensorEntry(d["dtype"], d["shape"], [Piece(**p) for p in d["pieces"]], view)
 
 
 def _until(deadline: float) -> timedelta:
