@@ -161,6 +161,24 @@ def test_sigterm_to_the_readme_loop_commits_the_step_and_exits_75(reference, tmp
     assert _events(run_dir, "resume")[-1]["step"] == event["step"]
 
 
+def test_sigusr1_to_one_worker_of_the_readme_loop_stops_both_with_exit_code_75(reference, tmp_path: Path) -> None:
+    """SLURM's `--signal` reaches one task: both ranks stop at one step, each worker exits 75."""
+    script, _ = reference
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    agent = subprocess.Popen(torchrun(2, script, run_dir, 100_000), cwd=REPO, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _committed(run_dir), 180, "the first commit")
+        assert kill(_workers(agent.pid, 2)[1], signal.SIGUSR1)
+        agent.wait(timeout=120)
+    finally:
+        kill_tree(agent.pid)
+    [event] = _events(run_dir, "preempted")
+    assert (event["signal"], event["signaled_ranks"]) == ("SIGUSR1", [1])
+    assert _committed(run_dir)[-1] == event["step"]
+    assert "exitcode: 75" in log.read_text(), log.read_text()[-3000:]  # torchrun saw the preemption code
+
+
 def test_preempted_is_exit_code_75_when_uncaught() -> None:
     done = run([sys.executable, "-c", "import dtrain; raise dtrain.Preempted(12)"], timeout=60)
     assert done.returncode == 75 and "Traceback" not in done.stdout
