@@ -53,7 +53,9 @@ DistributedDataParallel.forward = forward
 
 
 def torchrun(nproc: int, script: Path, run_dir: Path, steps: int, max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """The README's command line. `env` sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README says to:
+    with torch 2.13's shared store a restarted gloo group can read the dead group's addresses."""
+    return ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             f"--max-restarts={max_restarts}", "--monitor-interval=0.5", str(script), str(run_dir), str(steps)]
 
 
