@@ -29,7 +29,7 @@ NPROC = 2
 STARTED = re.compile(r"resumed from snapshot step (\d+) \(saved at world size \d+\) at world size \d+|"
                      r"starting a new run at world size \d+")
 """Rank 0's line when training starts: group 1 is the step resumed from, None for a new run."""
-STEP = re.compile(r"\[rank 0\] INFO dtrain\.report: step (\d+) ")
+STEP = re.compile(r"\[rank 0\] INFO dtrain\.progress: step (\d+) ")
 """Rank 0's line after each step (with `train.log_every_steps=1`): group 1 is the step."""
 
 

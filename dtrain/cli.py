@@ -97,7 +97,7 @@ def setup_logging(rank: int) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dtrain.dist import init_distributed, shutdown
-    from dtrain.report import Reporter
+    from dtrain.progress import ProgressLog
     from dtrain.snapshot.layout import METRICS
     from dtrain.trainer import Trainer
 
@@ -108,9 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg)
     try:
         run_dir = Path(args.run_dir)
-        reporter = Reporter(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
-                            every=cfg.train.log_every_steps)
-        Trainer(cfg, task, run_dir, ctx, reporter=reporter, allow_config_change=args.allow_config_change).fit()
+        progress = ProgressLog(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
+                               every=cfg.train.log_every_steps)
+        Trainer(cfg, task, run_dir, ctx, progress=progress, allow_config_change=args.allow_config_change).fit()
         return signals.EXIT_OK
     finally:
         shutdown()

@@ -35,7 +35,7 @@ import torch
 from dtrain.config import SnapshotConfig, config_from_dict
 from dtrain.dist import DistContext, attach, solo_context
 from dtrain.errors import ConfigError, Preempted
-from dtrain.report import MetricsLog
+from dtrain.progress import MetricsLog
 from dtrain.runlock import RunDirLock, RunDirLockedError
 from dtrain.sampler import ResumableSampler
 from dtrain.signals import PreemptionFlag, signal_name

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dtrain.config import Config, check_resume_config
 from dtrain.data import collate, share_bounds
 from dtrain.dist import DistContext
-from dtrain.report import Reporter
+from dtrain.progress import ProgressLog
 from dtrain.sampler import ResumableSampler
 from dtrain.snapshotter import Snapshotter
 from dtrain.state import seed_all
@@ -53,7 +53,7 @@ class Trainer:
         result = Trainer(cfg, load_task(cfg.task), Path("runs/x"), ctx).fit()
     """
 
-    def __init__(self, cfg: Config, task: Task, run_dir: Path, ctx: DistContext, reporter: Reporter | None = None,
+    def __init__(self, cfg: Config, task: Task, run_dir: Path, ctx: DistContext, progress: ProgressLog | None = None,
                  on_batch: BatchHook | None = None, allow_config_change: bool = False,
                  storage: Storage | None = None) -> None:
         self.cfg, self.task, self.ctx = cfg, task, ctx
@@ -74,7 +74,7 @@ class Trainer:
             self.state[SCHEDULER] = self.scheduler
         self.snap = Snapshotter(run_dir, seed=cfg.train.seed, hparams=cfg.to_dict(), storage=storage,
                                 **dataclasses.asdict(cfg.snapshot))
-        self.reporter = reporter or Reporter(None, cfg.train.steps, 0, enabled=False, every=1)
+        self.log = progress or ProgressLog(None, cfg.train.steps, 0, enabled=False, every=1)
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -89,7 +89,7 @@ class Trainer:
             self.after_step(loss)
             self.snap.step(self.step, self.state, metrics=self.evaluate)  # may raise dtrain.Preempted
         self.snap.close(self.step, self.state, metrics=self.evaluate)
-        self.reporter.close()
+        self.log.close()
         logger.info("finished at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
         return TrainResult(self.step, dict(self.metrics), resumed_from)
 
@@ -139,7 +139,7 @@ class Trainer:
             self.evaluate()
         if step % train.log_every_steps == 0:
             self.log_step(loss)
-        self.reporter.step(step, {} if self.last_loss is None else {"loss": self.last_loss})
+        self.log.step(step, {} if self.last_loss is None else {"loss": self.last_loss})
 
     # -- evaluation, logging -----------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class Trainer:
         self.model.train()
         dist.all_reduce(total)
         self.metrics = {"val_loss": float(total[0] / total[1]), "metrics_step": self.step}
-        self.reporter.record({"step": self.step, **self.metrics})
+        self.log.record({"step": self.step, **self.metrics})
         return self.metrics
 
     def log_step(self, loss: torch.Tensor) -> None:
@@ -168,7 +168,7 @@ class Trainer:
         dist.all_reduce(total)
         self.last_loss = float(total)
         cursor = self.sampler.cursor
-        self.reporter.record({"step": self.step, "train_loss": self.last_loss,
+        self.log.record({"step": self.step, "train_loss": self.last_loss,
                               "lr": self.optimizer.param_groups[0]["lr"],
                               "samples_seen": self.progress["samples_seen"], "epoch": cursor.epoch,
                               "world_size": self.ctx.world_size})

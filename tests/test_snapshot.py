@@ -188,18 +188,18 @@ def test_fork_staging_returns_once_the_held_bytes_fit_the_budget() -> None:
 
     child = ForkedWriter(work, held_bytes=chunks, budget_bytes=budget)
     assert child.held_bytes() <= budget
-    assert child.report() == {"error": None}
+    assert child.wait() == {"error": None}
 
 
 def test_a_writer_process_that_dies_is_reported_not_waited_for() -> None:
     child = ForkedWriter(lambda wrote: os.kill(os.getpid(), signal.SIGKILL), held_bytes=1)
     with pytest.raises(SnapshotError, match="killed by SIGKILL"):
-        child.report()
+        child.wait()
 
 
 def test_an_error_in_the_writer_process_comes_back_as_its_report() -> None:
     def work(wrote):
         raise OSError(28, "No space left on device")
 
-    report = ForkedWriter(work, held_bytes=1).report()
+    report = ForkedWriter(work, held_bytes=1).wait()
     assert "No space left on device" in report["error"]

@@ -133,7 +133,7 @@ def _address_span(view: memoryview) -> tuple[int, int]:
 
 
 class ForkedWriter:
-    """A child process running `work()` on a copy-on-write image of this process; `report()` waits for it."""
+    """A child process running `work()` on a copy-on-write image of this process; `wait()` returns what it wrote."""
 
     def __init__(self, work: Callable[[Callable[[int], None]], dict[str, Any]], held_bytes: int,
                  budget_bytes: int = 0, deadline: float = float("inf")) -> None:
@@ -191,7 +191,7 @@ class ForkedWriter:
     def _wrote(self, nbytes: int) -> None:
         self._held[:] = struct.pack("q", self.held_bytes() - nbytes)
 
-    def report(self) -> dict[str, Any]:
+    def wait(self) -> dict[str, Any]:
         """The child's report; kills it if it has not reported by the deadline (a stuck disk, a
         child deadlocked in `fork()`), so no save waits forever and no child outlives it."""
         chunks = []
@@ -217,7 +217,7 @@ class ForkedWriter:
 
 
 def _exited(pid: int) -> bool:
-    """Whether the child has exited, without reaping it (report() does that)."""
+    """Whether the child has exited, without reaping it (wait() does that)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 

@@ -166,7 +166,7 @@ class SnapshotWriter:
             child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes,
                                  self.budget_bytes, staged.deadline)
             staged.files, staged.unowned = [], None
-            write = child.report
+            write = child.wait
         else:
             write = lambda: self._write_files(staged)  # noqa: E731
         staged.stall_seconds = time.perf_counter() - start

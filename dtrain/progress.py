@@ -27,7 +27,7 @@ class MetricsLog:
             f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
 
 
-class Reporter:
+class ProgressLog:
     """Rank 0's progress bar (on a terminal) or log lines (otherwise), and the metrics log."""
 
     def __init__(self, metrics_path: Path | None, total_steps: int, start_step: int, enabled: bool,
