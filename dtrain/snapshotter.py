@@ -24,6 +24,7 @@ every rank at the same step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ class Snapshotter:
         self.cfg: SnapshotConfig = config_from_dict({"snapshot": snapshot}).snapshot
         self.run_dir = Path(run_dir)
         self.seed = seed
-        self.hparams = {**(hparams or {}), "snapshot": _as_dict(self.cfg)}
+        self.hparams = {**(hparams or {}), "snapshot": dataclasses.asdict(self.cfg)}
         self.ctx: DistContext = attach() if torch.distributed.is_initialized() else solo_context()
         self.lock = _lock_agreed(self.run_dir, self.ctx)
         self.manager = SnapshotManager(storage or LocalStorage(self.run_dir), self.cfg, self.ctx)
@@ -97,7 +98,7 @@ class Snapshotter:
             return 0
         m = restored.manifest
         if check_hparams is not None:
-            check_hparams({k: v for k, v in m.config.items()})
+            check_hparams(dict(m.config))
         _load(state, restored.objects, m.step)
         if restored.per_rank is not None:
             RNGState().load_state_dict(restored.per_rank[RNG_KEY])
@@ -120,7 +121,8 @@ class Snapshotter:
         signal save this step, wait for its commit and raise `Preempted`. One small all-reduce."""
         now = time.monotonic()
         self._observe(now)
-        progress = Progress(step, _epoch_ended(state, step), now)
+        _tell_samplers(state, step)
+        progress = Progress(step, _epoch_ended(state), now)
         preempted, *due = self.ctx.any(self.preemption.is_requested, *(p.is_due(progress) for p in self.policies))
         if preempted:
             self._preempt(progress, state, metrics)
@@ -237,15 +239,6 @@ def _tell_samplers(state: dict[str, Any], step: int) -> None:
             obj.consumed(step)
 
 
-def _epoch_ended(state: dict[str, Any], step: int) -> bool:
-    samplers = [obj for obj in state.values() if isinstance(obj, ResumableSampler)]
-    if not samplers:
-        return False
-    samplers[0].consumed(step)
-    return samplers[0].cursor.offset == 0
-
-
-def _as_dict(cfg: SnapshotConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
+def _epoch_ended(state: dict[str, Any]) -> bool:
+    """Whether the last step consumed an epoch's last batch (samplers told the step already)."""
+    return any(obj.cursor.offset == 0 for obj in state.values() if isinstance(obj, ResumableSampler))
