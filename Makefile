@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: install demo lint test test-fast soak bench chaos clean
+.PHONY: install demo lint test test-fast soak bench chaos gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ CHAOS_ARGS ?=
 
 chaos: install
 	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
+
+# The CUDA path on one GPU (exit 2 without one): GPT kill/resume, CPU<->CUDA snapshots, a 4 GB snapshot's cost.
+gpu-check:
+	launch/ci/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

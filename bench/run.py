@@ -31,6 +31,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads per rank (default: cores / ranks, at least 1)")
     p.add_argument("--case-timeout", type=float, default=900,
                    help="seconds without progress before a launch is killed as hung (default 900)")
+    p.add_argument("--s3-mb", type=float, default=256,
+                   help="state of the S3 case (bench.s3: a local SeaweedFS), in MiB; 0 skips it (default 256)")
     p.add_argument("--note", default="", help="free text kept in the JSON, e.g. what else ran on the machine")
     args = p.parse_args(argv)
     _validate(p, args)
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.recovery_kills:
             results["recovery"] = recovery.measure(args.recovery_gb, args.recovery_kills, RECOVERY_EVERY,
                                                    work / "recovery", say=logger.info)
+        if args.s3_mb:
+            results["s3"] = s3_case(args.s3_mb, args.reps, work / "s3.json")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if is_new_tmp_dir and not any(args.tmp_dir.iterdir()):
@@ -167,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     print(render(results))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def s3_case(state_mb: float, reps: int, out: Path) -> dict[str, Any]:
+    """`bench.s3` in a process of its own (it starts SeaweedFS): dtrain's save and restore in a bucket
+    against boto3's own transfers of the same bytes; its table goes to stdout."""
+    subprocess.run([sys.executable, "-m", "bench.s3", "--state-mb", str(state_mb), "--reps", str(reps),
+                    "--out", str(out)], cwd=REPO, check=True)
+    return json.loads(out.read_text())
 
 
 def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, dict[str, Any]],

@@ -64,10 +64,13 @@ SETTINGS = Settings((*_CHAIN, "snapshot.file_mb=4", "task.options.hidden=768"))
 """Frequent saves and a retention delete after each commit; a 14.6 MB snapshot in six files of
 about 2.4 MB spread over both ranks, plus one small file per rank, so both ranks write for a while."""
 TIED_SETTINGS = Settings((*_CHAIN, "snapshot.file_mb=1", "task.options.vocab=2048", "task.options.d_model=136",
-                          "task.options.seq_len=8", "task.options.n_layer=1"), config="examples/tied.toml")
+                          "task.options.seq_len=8", "task.options.n_layer=1", "data.num_workers=2",
+                          "train.micro_batch_size=6", 'train.precision="fp16"', "train.grad_clip_norm=1.0"),
+                         config="examples/tied.toml")
 """The tied-embedding language model: a 1.06 MiB embedding under two names (the head is tied to
 it) and a buffer that views the position table; about 10 MB in 1 MiB files, so the embedding and
-its Adam moments are each split over two files, which the ranks write separately."""
+its Adam moments are each split over two files, which the ranks write separately. It trains the way
+large models do: DataLoader workers reading ahead, micro-batches, fp16 with a gradient scaler, clipping."""
 WORKLOADS = {"teacher": SETTINGS, "tied": TIED_SETTINGS}
 """What the trials train, in turn (trial i: the (i mod n)-th workload asked for)."""
 STAGINGS = ("copy", "fork")

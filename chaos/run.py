@@ -4,6 +4,7 @@
     python -m chaos.run --quick                           # ~10 min: 24 trials, 3 x 2 runs of 40 s
     python -m chaos.run --only crash --trials 40 --seed 7 # replay the kill plan of seed 7
     python -m chaos.run --only crash --workload tied --staging fork  # one workload, one staging
+    python -m chaos.run --only s3crash --s3-trials 20     # the snapshots in a bucket (SeaweedFS)
     python -m chaos.run --only goodput --seconds 60 --mean-interval 20 --intervals 2,25,50,auto
 
 Exit status 1 when a trial found a violation or weights differed; the seed to replay is printed first.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chaos import crash, goodput, phases
+from chaos import crash, goodput, phases, s3crash
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         results["crash"] = report.to_json()
         print(crash_table(report), flush=True)
         ok &= not report.violations
+    if args.only in (None, "s3crash"):
+        trials = s3crash.S3CrashHarness(work / "s3crash", seed, args.s3_trials, say=say).run()
+        results["s3crash"] = s3crash.summary(trials)
+        print(s3crash.table(trials), flush=True)
+        ok &= not results["s3crash"]["violations"]
     if args.only in (None, "goodput"):
         rows = [goodput.measure(work / "goodput", i, args.seconds, args.mean_interval, seed, say=say)
                 for i in args.intervals.split(",")]
@@ -69,7 +75,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intervals", default="3,200,auto",
                    help="snapshot.every_steps values to compare: small, large, auto (default 3,200,auto)")
     p.add_argument("--seed", type=int, help="seed of every random choice (default: a fresh one, printed)")
-    p.add_argument("--only", choices=["crash", "goodput"], help="run one part")
+    p.add_argument("--only", choices=["crash", "s3crash", "goodput"], help="run one part")
+    p.add_argument("--s3-trials", type=int, default=20,
+                   help="crash trials with the snapshots in a bucket (SeaweedFS on 127.0.0.1; default 20)")
     p.add_argument("--workload", action="append", choices=list(crash.WORKLOADS),
                    help="what the crash trials train; repeat for several (default: all of them, in turn)")
     p.add_argument("--staging", action="append", choices=list(crash.STAGINGS),
@@ -80,7 +88,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results file (default chaos/results.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.trials, args.seconds = min(args.trials, 24), min(args.seconds, 40)
+        args.trials, args.seconds, args.s3_trials = min(args.trials, 24), min(args.seconds, 40), min(args.s3_trials, 5)
     return args
 
 

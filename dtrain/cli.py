@@ -7,6 +7,8 @@
     dtrain ckpt verify runs/demo
     dtrain ckpt export runs/demo --out model.safetensors [--best]
     dtrain ckpt prune runs/demo
+    dtrain report runs/demo [--out report.html]   # the loss curve, the fault timeline, attempts, goodput
+    dtrain status runs/demo [--json]              # step, newest snapshot, save in flight, last event
 
 Exit codes: 0 done, 1 failed, 2 bad config or usage, 75 preempted (emergency snapshot
 committed; run the same command again to resume). With `--check`: 0 ready, 2 bad config or run dir.
@@ -15,6 +17,7 @@ committed; run the same command again to resume). With `--check`: 0 ready, 2 bad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from dtrain import signals
 from dtrain.errors import ConfigError, DTrainError, NoSnapshotError, Preempted
+from dtrain.storage.location import RunLocation, parse_run_dir
 
 if TYPE_CHECKING:
     from dtrain.config import Config
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train, resuming from the run dir's newest committed snapshot")
     train.add_argument("--config", help="TOML config file (defaults apply without one)")
-    train.add_argument("--run-dir", required=True, help="directory this run owns: snapshots, metrics")
+    train.add_argument("--run-dir", required=True,
+                       help="what this run owns: a directory, or s3://BUCKET/PREFIX (snapshots in the bucket; "
+                            "the lock and metrics in $DTRAIN_LOCAL_DIR/BUCKET/PREFIX, default ./dtrain-local/...)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value; repeatable")
     train.add_argument("--check", action="store_true",
@@ -84,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = ckpt.add_parser("prune", help="apply the run's retention policy now")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_prune)
+
+    p = commands.add_parser("report", help="write a self-contained HTML report of a run: loss, faults, attempts")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output .html file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+    p = commands.add_parser("status", help="one line: step, newest snapshot, save in flight, last event")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     return parser
 
 
@@ -107,10 +122,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return signals.EXIT_OK
     ctx = init_distributed(cfg)
     try:
-        run_dir = Path(args.run_dir)
+        location = parse_run_dir(args.run_dir)
+        run_dir = location.local_dir()
         progress = ProgressLog(run_dir / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
-                               every=cfg.train.log_every_steps)
-        Trainer(cfg, task, run_dir, ctx, progress=progress, allow_config_change=args.allow_config_change).fit()
+                               every=cfg.train.log_every_steps, tensorboard_log=cfg.report.tensorboard)
+        Trainer(cfg, task, run_dir, ctx, progress=progress, allow_config_change=args.allow_config_change,
+                storage=None if location.is_local else location.storage()).fit()
         return signals.EXIT_OK
     finally:
         shutdown()
@@ -131,10 +148,22 @@ def preflight(args: argparse.Namespace) -> tuple[Config, Task]:
     validate_for_world(cfg, env_world_size())
     validate_staging_for_device(cfg, planned_device_type(cfg))
     task = load_task(cfg.task)
-    check_run_dir(Path(args.run_dir))
-    if Path(args.run_dir).is_dir():
-        probe(Path(args.run_dir))
+    location = parse_run_dir(args.run_dir)
+    if not location.is_local:
+        check_bucket(location)
+    run_dir = location.local_dir()
+    check_run_dir(run_dir)
+    if run_dir.is_dir():
+        probe(run_dir)
     return cfg, task
+
+
+def check_bucket(location: RunLocation) -> None:
+    """Refuse an `s3://` run dir whose bucket cannot be reached (no such bucket, no access, no endpoint)."""
+    try:
+        location.storage().check_bucket()
+    except OSError as e:
+        raise ConfigError(f"--run-dir {location.url}: {e}") from None
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -172,7 +201,7 @@ def _require_writable(run_dir: Path, path: Path, is_dir: bool, fix: str) -> None
 def cmd_list(args: argparse.Namespace) -> int:
     from dtrain.snapshot import catalog
 
-    storage = catalog.open_run_dir(Path(args.run_dir))
+    storage = catalog.open_run_dir(args.run_dir)
     rows = [{"step": m.step, "path": catalog.snapshot_path(storage, m.step), "world_size": m.world_size,
              "metrics": m.metrics, "bytes": m.total_bytes, "created_unix": m.created_unix}
             for m in catalog.readable_manifests(storage).values()]
@@ -191,7 +220,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from dtrain.snapshot import catalog
 
-    storage, step = catalog.resolve(Path(args.snapshot))
+    storage, step = catalog.resolve(args.snapshot)
     m = catalog.read_manifest(storage, catalog.newest_step(storage) if step is None else step)
     if args.json:
         print(json.dumps(asdict(m), indent=2))
@@ -212,7 +241,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from dtrain.snapshot import catalog, reader
 
-    storage, step = catalog.resolve(Path(args.target))
+    storage, step = catalog.resolve(args.target)
     steps = catalog.committed_steps(storage) if step is None else [step]
     if not steps:
         raise NoSnapshotError(f"{args.target}: no committed snapshot to verify")
@@ -230,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dtrain.export import export_safetensors
     from dtrain.snapshot import catalog
 
-    storage, step = catalog.resolve(Path(args.target))
+    storage, step = catalog.resolve(args.target)
     written = export_safetensors(storage, step, Path(args.out), best=args.best)
     print(f"exported step {written} to {args.out}")
     return 0
@@ -241,9 +270,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dtrain.runlock import RunDirLock
     from dtrain.snapshot import catalog
 
-    storage = catalog.open_run_dir(Path(args.run_dir))
-    with RunDirLock(Path(args.run_dir)):
+    storage = catalog.open_run_dir(args.run_dir)
+    location = parse_run_dir(args.run_dir)
+    # A bucket has no lock (see README, Object storage); a local run dir's lock refuses a running job.
+    with RunDirLock(location.local_dir()) if location.is_local else contextlib.nullcontext():
         deleted = catalog.prune(storage, catalog.run_snapshot_config(storage),
                                 protected=frozenset({catalog.newest_step(storage)}))
     print(f"deleted {len(deleted)} snapshot(s): {deleted}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dtrain.observe.runreport import render
+    from dtrain.observe.sources import read_run_dir
+
+    run = read_run_dir(args.run_dir)
+    out = Path(args.out) if args.out else run.path / "report.html"
+    out.write_text(render(run))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dtrain.observe.sources import read_run_dir
+    from dtrain.observe.status import one_line, status
+
+    found = status(read_run_dir(args.run_dir))
+    print(json.dumps(found, indent=2) if args.json else one_line(found))
     return 0

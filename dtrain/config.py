@@ -23,6 +23,7 @@ from typing import Any
 from dtrain.errors import ConfigError
 
 AUTO = "auto"
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class TrainConfig:
     """A progress line every N steps when stderr is not a terminal."""
     device: str = AUTO
     """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    micro_batch_size: int = 0
+    """Samples per forward/backward pass on a rank; its share is split into micro-batches whose gradients accumulate (0: the whole share in one pass)."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` (autocast) or `fp16` (autocast with a gradient scaler, whose state is in every snapshot)."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value before each optimizer step; 0 disables (the norm is logged either way)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,16 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    num_workers: int = 0
+    """DataLoader worker processes reading each rank's shares; 0 reads them in the training process."""
+    prefetch_factor: int = 2
+    """Batches each worker reads ahead (only with `num_workers` > 0)."""
+    pin_memory: bool | str = AUTO
+    """Read batches into page-locked memory for faster copies to the GPU: `auto` (on with CUDA), true or false."""
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str = AUTO
     """`auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
@@ -98,11 +115,19 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    tensorboard: bool = True
+    """Rank 0 also writes every metrics row as TensorBoard scalars under `RUN_DIR/tb/`."""
+
+
+@dataclass(frozen=True)
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,13 +205,21 @@ def _unknown(what: str, full: str, key: str, known: list[str], section: str | No
 
 def validate(cfg: Config) -> None:
     """Range checks that need more than a type; raises ConfigError naming the key and the fix."""
-    t, s, d = cfg.train, cfg.snapshot, cfg.dist
+    t, s, d, data = cfg.train, cfg.snapshot, cfg.dist, cfg.data
     _require(t.steps >= 1, "train.steps", t.steps, "set it to the total number of optimizer steps (>= 1)")
     _require(t.seed >= 0, "train.seed", t.seed, "use a non-negative integer seed")
     _require(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, "use a positive batch size")
     _require(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "use 0 (with snapshots) or a positive N")
     _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "use a positive N")
     _require(t.device in (AUTO, "cpu", "cuda"), "train.device", t.device, "use auto, cpu or cuda")
+    _require(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size,
+             "use 0 (the whole share in one pass) or a positive number of samples")
+    _require(t.precision in PRECISIONS, "train.precision", t.precision, f"use {', '.join(PRECISIONS)}")
+    _require(0 <= t.grad_clip_norm < math.inf, "train.grad_clip_norm", t.grad_clip_norm,
+             "use 0 (off) or a positive, finite norm")
+    _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "use 0 (read in the training process) or more")
+    _require(data.prefetch_factor >= 1, "data.prefetch_factor", data.prefetch_factor, "use 1 or more batches per worker")
+    _require(data.pin_memory in (AUTO, True, False), "data.pin_memory", data.pin_memory, "use auto, true or false")
     every = s.every_steps
     _require(every == AUTO or (isinstance(every, int) and every >= 0), "snapshot.every_steps", every,
              'use a step count >= 0 or "auto"')

@@ -46,7 +46,7 @@ from dtrain.snapshot.messages import SnapshotMeta
 from dtrain.snapshot.policy import Progress, SavePolicy, YoungDaly, policies_from
 from dtrain.snapshot.writer import SaveResult
 from dtrain.state import RNG_KEY, RNGState, Stateful, seed_all, versions
-from dtrain.storage import LocalStorage, Storage
+from dtrain.storage import RunLocation, Storage, parse_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +60,25 @@ class Snapshotter:
 
     def __init__(self, run_dir: str | Path, *, seed: int = 0, hparams: dict[str, Any] | None = None,
                  storage: Storage | None = None, **snapshot: Any) -> None:
-        """`seed` re-derives the generators on a new world size; `hparams` are recorded in each snapshot;
-        `storage` replaces where the snapshot bytes go (default: the run dir on the local file system)."""
+        """`run_dir` is a local path or `s3://BUCKET/PREFIX` (then the lock and metrics.jsonl are kept
+        in `RunLocation.local_dir`); `seed` re-derives the generators on a new world size; `hparams`
+        are recorded in each snapshot; `storage` replaces where the snapshot bytes go."""
         self.cfg: SnapshotConfig = config_from_dict({"snapshot": snapshot}).snapshot
-        self.run_dir = Path(run_dir)
+        location = parse_run_dir(run_dir) if isinstance(run_dir, str) else RunLocation(str(run_dir), Path(run_dir))
+        self.run_dir = location.local_dir()
         self.seed = seed
         self.hparams = {**(hparams or {}), "snapshot": dataclasses.asdict(self.cfg)}
         self.ctx: DistContext = attach() if torch.distributed.is_initialized() else solo_context()
         self.lock = _lock_agreed(self.run_dir, self.ctx)
-        self.manager = SnapshotManager(storage or LocalStorage(self.run_dir), self.cfg, self.ctx)
         self.events = MetricsLog(self.run_dir / layout.METRICS if self.ctx.is_main else None)
+        self.manager = SnapshotManager(storage or location.storage(), self.cfg, self.ctx,
+                                       on_outcome=self._record_save)
         self.policies: list[SavePolicy] = policies_from(self.cfg)
         self.preemption = PreemptionFlag().install()
         self.metrics: dict[str, float] = {}
         self._last_step_time: float | None = None
+        self._intervals: dict[int, int | None] = {}
+        """The interval in force (steps) when each save in flight started, for its `snapshot` event."""
 
     @property
     def rank(self) -> int:
@@ -94,7 +99,9 @@ class Snapshotter:
         self.manager.prepare_run_dir()
         restored = self.manager.restore_latest(into=_live_state_dicts(state))
         if restored is None:
-            logger.info("no snapshot in %s: starting at step 0 at world size %d", self.run_dir, self.world_size)
+            logger.info("no snapshot in %s: starting at step 0 at world size %d", self.manager.storage.describe(),
+                        self.world_size)
+            self.events.record({"event": "start", "step": 0, "world_size": self.world_size})
             return 0
         m = restored.manifest
         if check_hparams is not None:
@@ -160,6 +167,8 @@ class Snapshotter:
             self.metrics = {**dict(metrics), "metrics_step": progress.step}
         _tell_samplers(state, progress.step)
         meta = SnapshotMeta({"step": progress.step}, self.metrics, self.hparams, versions())
+        if self.ctx.is_main:  # only rank 0 records the save's outcome, and so pops it again
+            self._intervals[progress.step] = self._interval()
         started = time.perf_counter()
         pending = self.manager.save(progress.step, _state_dicts(state), {RNG_KEY: RNGState().state_dict()},
                                     meta, reason)
@@ -181,6 +190,23 @@ class Snapshotter:
         self.preemption.uninstall()
         self.lock.release()
         raise Preempted(progress.step)
+
+    def _interval(self) -> int | None:
+        """The snapshot interval in steps now in force: `every_steps`, or what `"auto"` chose (None before it measured)."""
+        if (auto := self._auto()) is not None:
+            return auto.interval()
+        return self.cfg.every_steps if isinstance(self.cfg.every_steps, int) and self.cfg.every_steps > 0 else None
+
+    def _record_save(self, step: int, result: SaveResult | None, error: str | None, fatal: bool) -> None:
+        """One `snapshot` event in metrics.jsonl per save that committed or failed (rank 0 records)."""
+        row: dict[str, Any] = {"event": "snapshot", "step": step, "committed": result is not None,
+                               "interval_steps": self._intervals.pop(step, None), "world_size": self.world_size}
+        if result is not None:
+            row.update(bytes=result.bytes, stall_s=round(result.stall_seconds, 4),
+                       write_s=round(result.commit_seconds, 4), path=result.path)
+        else:
+            row.update(error=error, fatal=fatal)
+        self.events.record(row)
 
     def _auto(self) -> YoungDaly | None:
         return next((p for p in self.policies if isinstance(p, YoungDaly)), None)

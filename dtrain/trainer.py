@@ -7,9 +7,11 @@ raises `dtrain.Preempted`. What this loop does, a loop of your own can do: see t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dtrain.config import Config, check_resume_config
 from dtrain.data import collate, share_bounds
 from dtrain.dist import DistContext
+from dtrain.loader import SampleReadError, StepBatches, micro_batches
+from dtrain.precision import MixedPrecision
 from dtrain.progress import ProgressLog
 from dtrain.sampler import ResumableSampler
 from dtrain.snapshotter import Snapshotter
@@ -33,7 +37,8 @@ logger = logging.getLogger(__name__)
 BatchHook = Callable[[int, torch.Tensor], None]
 """Called with (step, sample ids this rank trains on) before each step; for ledgers and tests."""
 
-MODEL, OPTIMIZER, SCHEDULER, SAMPLER, PROGRESS = "model", "optimizer", "scheduler", "sampler", "progress"
+MODEL, OPTIMIZER, SCHEDULER, SAMPLER, PROGRESS, PRECISION = (
+    "model", "optimizer", "scheduler", "sampler", "progress", "precision")
 """The trainer's state keys in a snapshot (export reads `model`)."""
 
 
@@ -64,37 +69,60 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         self.optimizer = task.build_optimizer(self.model.parameters(), task.options)
         self.scheduler = task.build_scheduler(self.optimizer, task.options) if task.build_scheduler else None
+        self.amp = MixedPrecision(cfg.train.precision, ctx.device, cfg.train.grad_clip_norm)
         self.train_data, self.eval_data = task.build_data(task.options)
         self.sampler = ResumableSampler(len(self.train_data), cfg.train.global_batch_size, cfg.train.seed,
                                         ctx.rank, ctx.world_size, strict=not allow_config_change)
         self.progress = {"samples_seen": 0}
         self.state: dict[str, Any] = {MODEL: self.model, OPTIMIZER: self.optimizer, SAMPLER: self.sampler,
-                                      PROGRESS: self.progress}
+                                      PROGRESS: self.progress, PRECISION: self.amp}
         if self.scheduler is not None:
             self.state[SCHEDULER] = self.scheduler
         self.snap = Snapshotter(run_dir, seed=cfg.train.seed, hparams=cfg.to_dict(), storage=storage,
                                 **dataclasses.asdict(cfg.snapshot))
         self.log = progress or ProgressLog(None, cfg.train.steps, 0, enabled=False, every=1)
+        self.timer = StepTimer()
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.last_loss: float | None = None
 
     def fit(self) -> TrainResult:
         resumed_from = self.resume()
-        batches = iter(self.sampler)
-        while self.step < self.cfg.train.steps:
-            loss = self.train_step(next(batches))
-            self.step += 1
-            self.sampler.consumed(self.step)
-            self.after_step(loss)
-            self.snap.step(self.step, self.state, metrics=self.evaluate)  # may raise dtrain.Preempted
+        batches = iter(StepBatches(self.train_data, self.sampler, self.cfg.data, self.ctx.device, self.cfg.train.seed))
+        self.timer = StepTimer()
+        try:
+            while self.step < self.cfg.train.steps:
+                step, ids, batch = self.next_batch(batches)
+                loss, grad_norm = self.train_step(ids, batch)
+                self.timer.trained(self.sampler.global_batch_len(step))
+                self.step = step
+                self.sampler.consumed(self.step)
+                self.after_step(loss, grad_norm)
+                self.snap.step(self.step, self.state, metrics=self.evaluate)  # may raise dtrain.Preempted
+        finally:
+            del batches  # stops DataLoader workers now, not at garbage collection
         self.snap.close(self.step, self.state, metrics=self.evaluate)
         self.log.close()
         logger.info("finished at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
         return TrainResult(self.step, dict(self.metrics), resumed_from)
 
+    def next_batch(self, batches: Iterator[tuple[int, torch.Tensor, Any]]) -> tuple[int, torch.Tensor, Any]:
+        self.timer.waiting()
+        try:
+            step, ids, batch = next(batches)
+        except SampleReadError:
+            raise
+        except RuntimeError as e:  # a DataLoader worker died (killed, out of memory) or its pipe broke
+            raise SampleReadError(f"a data worker failed while reading step {self.step + 1}: {e}; "
+                                  "check the worker's memory and the dataset, or set data.num_workers = 0") from e
+        self.timer.ready()
+        if self.on_batch is not None:
+            self.on_batch(step - 1, ids)
+        return step, ids, batch
+
     def resume(self) -> int | None:
         self.step = self.snap.restore(self.state, check_hparams=self.check_config)
+        self.state[PRECISION] = self.amp
         if self.step == 0:
             seed_all(self.cfg.train.seed, 0, self.ctx.rank)
             logger.info("starting a new run at world size %d", self.ctx.world_size)
@@ -106,6 +134,8 @@ class Trainer:
         """Refuse (exit 2) a resume whose data order or model differs from the snapshot's, unless allowed;
         log every other change, which applies from here on."""
         changes = check_resume_config(saved, self.cfg, self.allow_config_change)
+        if "precision" not in saved.get("train", {}):  # saved before dtrain had precision: no such state
+            del self.state[PRECISION]
         for change in changes.defining:
             logger.warning("config change accepted by --allow-config-change: %s", change)
         for change in changes.applied:
@@ -113,32 +143,39 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def train_step(self, ids: list[int]) -> torch.Tensor:
-        """One optimizer step on this rank's share `ids`; returns the share's summed loss."""
-        mine = torch.tensor(ids, dtype=torch.int64)
-        if self.on_batch is not None:
-            self.on_batch(self.step, mine)
+    def train_step(self, ids: torch.Tensor, batch: Any) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step on this rank's share; returns its part of the global mean loss (summed
+        over ranks it is the mean) and the gradient norm before clipping (measured on log steps
+        and whenever clipping is on)."""
         global_len = self.sampler.global_batch_len(self.step + 1)
-        inputs, targets = (t.to(self.ctx.device) for t in collate(self.train_data, mine))
+        # DDP averages gradients over ranks; scaling each summed loss by world/len(batch) makes that
+        # average the mean over the global batch, whatever each rank's share or micro-batches.
+        weight = self.ctx.world_size / global_len
+        pieces = micro_batches(batch, self.cfg.train.micro_batch_size)
         self.ddp.train()
-        losses = self.task.per_sample_loss(self.ddp(inputs), targets)
-        # DDP averages gradients over ranks; scaling by world/len(batch) makes that average the
-        # mean over the global batch, whatever each rank's share.
-        loss = losses.sum() * (self.ctx.world_size / global_len)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for i, piece in enumerate(pieces):
+            inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in piece)
+            # gradients are all-reduced once, after the last micro-batch's backward
+            with self.ddp.no_sync() if i < len(pieces) - 1 else contextlib.nullcontext():
+                with self.amp.autocast():
+                    losses = self.task.per_sample_loss(self.ddp(inputs), targets)
+                self.amp.backward(losses.sum() * weight)
+            total += losses.detach().double().sum()
+        measure = (self.step + 1) % self.cfg.train.log_every_steps == 0
+        grad_norm = self.amp.step(self.optimizer, self.model.parameters(), measure_norm=measure)
         if self.scheduler is not None:
             self.scheduler.step()
         self.progress["samples_seen"] += global_len
-        return losses.detach().sum() / global_len
+        return total / global_len, grad_norm
 
-    def after_step(self, loss: torch.Tensor) -> None:
+    def after_step(self, loss: torch.Tensor, grad_norm: float | None) -> None:
         step, train = self.step, self.cfg.train
         if train.eval_every_steps and step % train.eval_every_steps == 0:
             self.evaluate()
         if step % train.log_every_steps == 0:
-            self.log_step(loss)
+            self.log_step(loss, grad_norm)
         self.log.step(step, {} if self.last_loss is None else {"loss": self.last_loss})
 
     # -- evaluation, logging -----------------------------------------------------------------
@@ -154,7 +191,8 @@ class Trainer:
             for lo in range(start, end, self.cfg.train.global_batch_size):
                 ids = torch.arange(lo, min(end, lo + self.cfg.train.global_batch_size))
                 inputs, targets = (t.to(self.ctx.device) for t in collate(self.eval_data, ids))
-                total[0] += self.task.per_sample_loss(self.model(inputs), targets).double().sum()
+                with self.amp.autocast():
+                    total[0] += self.task.per_sample_loss(self.model(inputs), targets).double().sum()
                 total[1] += len(ids)
         self.model.train()
         dist.all_reduce(total)
@@ -162,13 +200,50 @@ class Trainer:
         self.log.record({"step": self.step, **self.metrics})
         return self.metrics
 
-    def log_step(self, loss: torch.Tensor) -> None:
-        """`loss`: this rank's share of the global mean; summed over ranks it is the global mean."""
+    def log_step(self, loss: torch.Tensor, grad_norm: float | None) -> None:
+        """`loss`: this rank's share of the global mean; summed over ranks it is the global mean.
+        Times are rank 0's means per step over the steps since the last log line."""
         total = loss.double().clone()
         dist.all_reduce(total)
         self.last_loss = float(total)
         cursor = self.sampler.cursor
-        self.log.record({"step": self.step, "train_loss": self.last_loss,
-                              "lr": self.optimizer.param_groups[0]["lr"],
-                              "samples_seen": self.progress["samples_seen"], "epoch": cursor.epoch,
-                              "world_size": self.ctx.world_size})
+        row = {"step": self.step, "train_loss": self.last_loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "samples_seen": self.progress["samples_seen"], "epoch": cursor.epoch,
+               "world_size": self.ctx.world_size, "grad_norm": grad_norm, **self.timer.window()}
+        if self.amp.scaler.is_enabled():
+            row["loss_scale"] = self.amp.scale
+        self.log.record(row)
+
+
+class StepTimer:
+    """Splits wall time between waiting for data and training, for the log: is the input pipeline
+    or the model the bottleneck?"""
+
+    def __init__(self) -> None:
+        self._mark = time.monotonic()
+        self._wait = self._train = 0.0
+        self._steps = self._samples = 0
+
+    def waiting(self) -> None:
+        """Training of the last step (its save and evaluation included) ended; a batch is awaited."""
+        now = time.monotonic()
+        self._train += now - self._mark
+        self._mark = now
+
+    def ready(self) -> None:
+        now = time.monotonic()
+        self._wait += now - self._mark
+        self._mark = now
+
+    def trained(self, samples: int) -> None:
+        self._steps += 1
+        self._samples += samples
+
+    def window(self) -> dict[str, float]:
+        """Means per step since the last call, then start a new window."""
+        steps, busy = max(self._steps, 1), self._wait + self._train
+        out = {"step_time_s": self._train / steps, "data_wait_s": self._wait / steps,
+               "samples_per_s": self._samples / busy if busy > 0 else 0.0}
+        self._wait = self._train = 0.0
+        self._steps = self._samples = 0
+        return out

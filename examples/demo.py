@@ -3,7 +3,8 @@
 1. Two workers train the built-in task under `torchrun --max-restarts=3`; snapshots commit.
 2. Once a few snapshots are committed, one worker is killed with SIGKILL, as a node failure would.
 3. torchrun restarts the group; it resumes from the newest committed snapshot and finishes.
-4. The run dir is listed and verified, and the model exported for inference.
+4. The run dir is listed and verified, the model exported for inference, and the run's report
+   (loss curve, the kill and the resume, goodput) written to RUN_DIR/report.html.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def main() -> int:
     if code != 0:
         banner(f"torchrun exited with {code}")
         return code
-    banner("4. the run finished; its committed snapshots, verified, and the model exported")
-    for cmd in (["list", str(run_dir)], ["verify", str(run_dir)],
-                ["export", str(run_dir), "--best", "--out", str(run_dir / "best.safetensors")]):
-        print(f"$ dtrain ckpt {' '.join(cmd)}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "dtrain", "ckpt", *cmd], cwd=REPO)
+    banner("4. the run finished; its committed snapshots, verified, the model exported, and the run's report")
+    for cmd in (["ckpt", "list", str(run_dir)], ["ckpt", "verify", str(run_dir)],
+                ["ckpt", "export", str(run_dir), "--best", "--out", str(run_dir / "best.safetensors")],
+                ["status", str(run_dir)], ["report", str(run_dir)]):
+        print(f"$ dtrain {' '.join(cmd)}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "dtrain", *cmd], cwd=REPO)
         if done.returncode != 0:
             return done.returncode
     return 0

@@ -26,7 +26,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results),
+                         daemon=False)  # not daemonic: a rank may start DataLoader workers
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -103,7 +103,7 @@ def test_to_dict_reloads_to_the_same_config() -> None:
     [
         # unknown names, with the closest known one as the fix
         (None, ["trian.steps=5"], ["unknown config section `trian`", "did you mean `train`?"]),
-        (None, ["zzz.a=1"], ["unknown config section `zzz`", "known sections: train, snapshot, task, dist"]),
+        (None, ["zzz.a=1"], ["unknown config section `zzz`", "known sections: train, snapshot, task, data, dist, report"]),
         (None, ["snapshot.keep_lst=2"], ["unknown config key `snapshot.keep_lst`", "did you mean `snapshot.keep_last`?"]),
         ("[snapshot]\nkeep_lst = 2\n", [], ["`snapshot.keep_lst`", "did you mean `snapshot.keep_last`?"]),
         (None, ["train.stpes=5"], ["`train.stpes`", "did you mean `train.steps`?"]),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.storage import LocalStorage, local
+from dtrain.storage import CommitConflictError, LocalStorage, local
 from dtrain.storage.local import UnsafePathError
 
 STEP = "snapshots/step_000000400"
@@ -398,3 +398,29 @@ def test_what_is_written_reads_back(root: Path) -> None:
     assert out == b"abcdef"
     assert storage.read_bytes(MANIFEST, 100) == b'{"step": 400}'
     assert storage.listdir(STEP) == ["manifest.json", "rank-00000.bin"]
+
+
+def test_commit_renames_the_pending_dir_and_never_replaces_a_committed_snapshot(root: Path) -> None:
+    storage = LocalStorage(root)
+    for name, manifest in (("first", b"first writer"), ("second", b"second writer")):
+        pending = f"snapshots/.pending/step_000000500.{name}"
+        assert storage.save_dir(pending, "snapshots/step_000000500") == pending
+        storage.makedirs(pending)
+        handle = storage.open_write(f"{pending}/rank-00000.bin")
+        handle.write(memoryview(name.encode()))
+        handle.close()
+        if name == "first":
+            storage.commit(pending, "snapshots/step_000000500", "manifest.json", manifest)
+        else:
+            with pytest.raises(CommitConflictError, match="committed already"):
+                storage.commit(pending, "snapshots/step_000000500", "manifest.json", manifest)
+    assert storage.read_bytes("snapshots/step_000000500/manifest.json", 100) == b"first writer"
+    assert storage.read_bytes("snapshots/step_000000500/rank-00000.bin", 100) == b"first"
+
+
+def test_uncommit_moves_the_snapshot_aside_in_one_rename(root: Path) -> None:
+    storage = LocalStorage(root)
+    (root / MANIFEST).write_bytes(b"{}")
+    remains = storage.uncommit(STEP, "snapshots/.pending/deleting-step_000000400.ab", "manifest.json")
+    assert remains == "snapshots/.pending/deleting-step_000000400.ab"
+    assert not (root / STEP).exists() and (root / remains / "manifest.json").is_file()

@@ -11,6 +11,8 @@ import torch
 from dtrain.config import load_config
 from dtrain.dist import init_distributed
 from dtrain.errors import DTrainError
+from dtrain.progress import ProgressLog
+from dtrain.snapshot.layout import METRICS
 from dtrain.storage import LocalStorage
 from dtrain.task import load_task
 from dtrain.trainer import Trainer
@@ -24,7 +26,9 @@ def train(run_dir: str, overrides: list[str], storage: Any = None) -> dict[str, 
     cfg = load_config(None, SMALL + overrides)
     ctx = init_distributed(cfg)
     ledger: dict[int, list[int]] = {}
-    trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, storage=storage,
+    progress = ProgressLog(Path(run_dir) / METRICS, cfg.train.steps, 0, enabled=ctx.is_main,
+                           every=cfg.train.log_every_steps)
+    trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, storage=storage, progress=progress,
                       on_batch=lambda step, ids: ledger.__setitem__(step, ids.tolist()))
     error = None
     try:
@@ -39,7 +43,38 @@ def train(run_dir: str, overrides: list[str], storage: Any = None) -> dict[str, 
         "optimizer": trainer.optimizer.state_dict(),
         "ledger": ledger,
         "rng": torch.get_rng_state(),
+        "precision": trainer.amp.state_dict(),
     }
+
+
+def train_ledgered(run_dir: str, overrides: list[str], ledger: str, kill_before: int | None = None) -> dict[str, Any]:
+    """Train, appending each step's sample ids to the file `ledger`.rank<R> as it starts (so a killed
+    attempt's record survives it); with `kill_before`, SIGKILL this process before that 0-based step."""
+    import os
+    import signal
+
+    cfg = load_config(None, SMALL + overrides)
+    ctx = init_distributed(cfg)
+    path = Path(f"{ledger}.rank{ctx.rank}")
+
+    def on_batch(step: int, ids: torch.Tensor) -> None:
+        if step == kill_before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        with path.open("a") as record:
+            record.write(f"{step} {' '.join(map(str, ids.tolist()))}\n")
+
+    trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, on_batch=on_batch)
+    result = trainer.fit()
+    return {"rank": ctx.rank, "resumed_from": result.resumed_from,
+            "model": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+
+
+def train_killing_one_rank(run_dir: str, overrides: list[str], ledger: str, kill_rank: int,
+                           kill_before: int) -> dict[str, Any]:
+    import os
+
+    victim = int(os.environ["RANK"]) == kill_rank
+    return train_ledgered(run_dir, overrides, ledger, kill_before if victim else None)
 
 
 class FailingStorage(LocalStorage):

@@ -2,7 +2,7 @@
 best, and retention applied to them. Resume, the `dtrain ckpt` commands and export all go
 through here; nothing in it needs a process group.
 
-    storage = LocalStorage("runs/demo")
+    storage = open_run_dir("runs/demo")              # or "s3://bucket/prefix"
     steps = committed_steps(storage)                 # [200, 400]
     manifest = read_manifest(storage, steps[-1])     # raises CorruptSnapshotError naming the file
     deleted = prune(storage, retention_policy(manifest_config(storage)))
@@ -18,7 +18,7 @@ from dtrain.config import SnapshotConfig, config_from_dict
 from dtrain.errors import CorruptSnapshotError, NoSnapshotError
 from dtrain.snapshot import layout, retention
 from dtrain.snapshot.manifest import MAX_MANIFEST_BYTES, Manifest
-from dtrain.storage import LocalStorage, Storage
+from dtrain.storage import Storage, parse_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ def committed_steps(storage: Storage) -> list[int]:
         if step is not None and storage.exists(f"{layout.SNAPSHOTS}/{name}/{layout.MANIFEST}"):
             steps.append(step)
     return sorted(steps)
+
+
+def uncommitted_step_dirs(storage: Storage) -> list[str]:
+    """Names of the `step_N` entries without a manifest: files a save wrote in place (on an object
+    store) that were never committed, or the remainder of a deletion a crash interrupted."""
+    return [name for name in storage.listdir(layout.SNAPSHOTS)
+            if layout.parse_step_dir(name) is not None
+            and not storage.exists(f"{layout.SNAPSHOTS}/{name}/{layout.MANIFEST}")]
 
 
 def read_manifest(storage: Storage, step: int) -> Manifest:
@@ -105,36 +113,38 @@ def prune(storage: Storage, cfg: SnapshotConfig, protected: frozenset[int] = fro
 
 
 def delete_snapshot(storage: Storage, step: int, nonce: str) -> None:
-    """Make the snapshot invisible with one atomic rename, then delete its files at leisure."""
+    """Make the snapshot invisible in one atomic step (a rename aside; on S3 its manifest deleted
+    first), then delete its files at leisure: a crash in between leaves an uncommitted remainder."""
     graveyard = f"{layout.PENDING}/deleting-{layout.step_dir_name(step)}.{nonce}"
-    storage.makedirs(layout.PENDING)
-    storage.rename(layout.committed_path(step), graveyard)
-    storage.sync_dir(layout.SNAPSHOTS)
-    storage.remove_tree(graveyard)
+    remains = storage.uncommit(layout.committed_path(step), graveyard, layout.MANIFEST)
+    storage.remove_tree(remains)
     logger.info("retention deleted %s", layout.step_dir_name(step))
 
 
-def open_run_dir(path: Path) -> LocalStorage:
-    """The storage of a run dir; NoSnapshotError if `path` is not one."""
-    if not (path / layout.SNAPSHOTS).is_dir():
-        raise NoSnapshotError(f"{path}: not a run dir (no {layout.SNAPSHOTS}/ inside); pass the --run-dir of a training run")
-    return LocalStorage(path)
+def open_run_dir(where: str | Path) -> Storage:
+    """The storage of a run dir (a path or an `s3://` URL); NoSnapshotError if it is not one."""
+    storage = parse_run_dir(str(where), "run dir").storage()
+    if not storage.exists(layout.SNAPSHOTS):
+        raise NoSnapshotError(f"{where}: not a run dir (no {layout.SNAPSHOTS}/ inside); pass the --run-dir of a training run")
+    return storage
 
 
-def resolve(path: Path) -> tuple[LocalStorage, int | None]:
+def resolve(where: str | Path) -> tuple[Storage, int | None]:
     """(storage of its run dir, step) for a snapshot dir `RUN_DIR/snapshots/step_N`; (storage, None) for a run dir."""
-    step = layout.parse_step_dir(path.name)
+    location = parse_run_dir(str(where), "run dir")
+    step = layout.parse_step_dir(location.name)
     if step is None:
-        return open_run_dir(path), None
-    if not path.is_dir():
-        raise NoSnapshotError(f"{path}: no such snapshot directory")
-    return LocalStorage(path.parent.parent), step
+        return open_run_dir(where), None
+    storage = location.parent(2).storage()
+    if not storage.exists(layout.committed_path(step)):
+        raise NoSnapshotError(f"{where}: no such snapshot directory")
+    return storage, step
 
 
 def snapshot_path(storage: Storage, step: int) -> str:
     """Where a snapshot is, for a person to read."""
-    return f"{_where(storage)}/{layout.committed_path(step)}"
+    return storage.describe(layout.committed_path(step))
 
 
 def _where(storage: Storage) -> str:
-    return str(getattr(storage, "root", "the run dir"))
+    return storage.describe()

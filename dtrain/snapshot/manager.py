@@ -10,6 +10,7 @@ manifests on disk (`catalog.prune`). *When* to save is not decided here: see `po
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from dtrain.config import SnapshotConfig
@@ -23,9 +24,15 @@ from dtrain.storage import Storage
 logger = logging.getLogger(__name__)
 
 
+SaveRecorder = Callable[[int, SaveResult | None, str | None, bool], None]
+"""Called with (step, result, error, fatal) once each save committed or failed: the run's event log."""
+
+
 class SnapshotManager:
-    def __init__(self, storage: Storage, cfg: SnapshotConfig, ctx: DistContext) -> None:
+    def __init__(self, storage: Storage, cfg: SnapshotConfig, ctx: DistContext,
+                 on_outcome: SaveRecorder | None = None) -> None:
         self.storage = storage
+        self.on_outcome = on_outcome
         self.cfg = cfg
         self.ctx = ctx
         self.writer = SnapshotWriter(storage, ctx, file_bytes=cfg.file_mb << 20,
@@ -41,15 +48,20 @@ class SnapshotManager:
 
     def prepare_run_dir(self) -> None:
         """Create the layout and drop what crashed saves left (rank 0), then barrier: everything in
-        `.pending/`, and in `snapshots/` the temp file of a `latest` update that a kill interrupted.
-        No save of this run is in flight yet, so nothing removed here can be in use."""
+        `.pending/`, every `step_N` without a manifest (a save that wrote its files in place but
+        never committed), and what interrupted writes left (the temp file of a `latest` update,
+        unfinished multipart uploads). No save of this run is in flight yet, so nothing removed
+        here can be in use."""
         if self.ctx.is_main:
             self.storage.makedirs(layout.PENDING)
             for name in self.storage.listdir(layout.PENDING):
                 logger.info("removing uncommitted leftover %s/%s", layout.PENDING, name)
                 self.storage.remove_tree(f"{layout.PENDING}/{name}")
+            for name in catalog.uncommitted_step_dirs(self.storage):
+                logger.info("removing uncommitted leftover %s/%s (no manifest)", layout.SNAPSHOTS, name)
+                self.storage.remove_tree(f"{layout.SNAPSHOTS}/{name}")
             for name in self.storage.remove_temp_files(layout.SNAPSHOTS):
-                logger.info("removed the temp file of an interrupted update, %s/%s", layout.SNAPSHOTS, name)
+                logger.info("removed what an interrupted write left, %s/%s", layout.SNAPSHOTS, name)
         self.ctx.barrier()
 
     def restore_latest(self, into: dict[str, Any] | None = None) -> reader.Restored | None:
@@ -67,12 +79,13 @@ class SnapshotManager:
             except CorruptSnapshotError as e:
                 logger.warning("%s; falling back to the previous committed snapshot", e)
                 problems.append(str(e))
+                self.writer.replaceable.add(step)  # training reaches this step again and replaces it
                 continue
             self.last_started_step = step
             return restored
         if steps:
             raise CorruptSnapshotError(
-                f"none of the {len(steps)} committed snapshots in {getattr(self.storage, 'root', 'the run dir')} "
+                f"none of the {len(steps)} committed snapshots in {self.storage.describe()} "
                 f"verifies ({'; '.join(problems)}); to start over, move the run dir's snapshots/ aside")
         return None
 
@@ -108,6 +121,8 @@ class SnapshotManager:
         except SnapshotError as e:
             self.consecutive_failures += 1
             limit = self.cfg.max_consecutive_failures
+            self._record(self.pending.step if self.pending else -1, None, str(e),
+                         strict or self.consecutive_failures >= limit)
             if strict or self.consecutive_failures >= limit:
                 raise SnapshotError(f"{e} ({self.consecutive_failures} failed save(s) in a row, "
                                     f"snapshot.max_consecutive_failures={limit})") from e
@@ -123,7 +138,16 @@ class SnapshotManager:
     def _after_commit(self, result: SaveResult) -> None:
         logger.info("snapshot step %d committed: %.1f MB, stall %.3fs, commit %.3fs after staging -> %s",
                     result.step, result.bytes / 1e6, result.stall_seconds, result.commit_seconds, result.path)
+        self._record(result.step, result, None, False)
         try:
             catalog.prune(self.storage, self.cfg, protected=frozenset({result.step}), nonce=self.ctx.nonce)
         except Exception as e:  # retention must never fail a save that is already committed
             logger.warning("retention after step %d failed and will be retried next time: %s", result.step, e)
+
+    def _record(self, step: int, result: SaveResult | None, error: str | None, fatal: bool) -> None:
+        if self.on_outcome is None:
+            return
+        try:
+            self.on_outcome(step, result, error, fatal)
+        except Exception as e:  # a lost record must not fail a save
+            logger.warning("could not record the outcome of the save of step %d: %s", step, e)

@@ -8,16 +8,20 @@ A save has five phases. Only the first blocks training.
    files, plus its own per-rank state, into reused host buffers (or, with fork staging, a child
    process keeps a copy-on-write image of them). Training may change the parameters as soon as
    this returns.
-2. Write (background thread, every rank). Each file goes into
-   `snapshots/.pending/step_N.<nonce>/`, its CRC-32C computed on the way, and is fsynced.
+2. Write (background thread, every rank). Each file goes into the save's dir, its CRC-32C
+   computed on the way, and is made durable. The storage says where (`Storage.save_dir`):
+   `snapshots/.pending/step_N.<nonce>/` where it can rename directories, `snapshots/step_N/`
+   itself on an object store, where the manifest alone commits.
 3. Report. Each rank puts a `ShardReport` under a store key: its files' sizes and CRCs and its
    own skeletons, or its error. The store, not a collective, is the barrier: a background thread
    must never issue collectives on the training group, and it uses a store client of its own.
 4. Commit (rank 0). Rank 0 waits for every report, until the save's deadline. If one is missing
-   or carries an error the pending dir is removed and nothing is committed. Otherwise it writes
-   `manifest.json` into the pending dir (checksummed, fsynced), fsyncs that dir, renames it to
-   `snapshots/step_N` (**the commit point**), fsyncs `snapshots/`, then atomically replaces
-   `snapshots/latest`. An error after the rename only warns: the snapshot is committed.
+   or carries an error the save's dir is removed and nothing is committed. Otherwise it hands the
+   checksummed manifest to `Storage.commit`, which writes it last and makes the snapshot visible
+   (**the commit point**): locally, `manifest.json` into the pending dir (fsynced), then a rename
+   to `snapshots/step_N` and an fsync of `snapshots/`; on S3, a PUT of `manifest.json` that
+   refuses to overwrite (`If-None-Match: *`). Then it replaces `snapshots/latest`, a hint. An
+   error after the commit point only warns: the snapshot is committed.
 5. Publish. Rank 0 puts the `Outcome` under a store key; every rank's `wait()` returns it, or
    raises it as a `SnapshotError`.
 
@@ -26,10 +30,10 @@ rank's own write (a stuck disk, a writer process that never reports), rank 0's w
 reports, and the wait for the outcome (plus a grace for rank 0 to commit). Past it the save
 fails like any other, and nothing of it is ever committed later.
 
-A crash at any instant leaves the last committed snapshot intact: before the rename, the new one
-lives only under `.pending/` (never read, removed on the next start); after it, the new one is
-complete and durable. `latest` is a convenience updated after the commit; resume scans for the
-newest `step_N` holding a manifest, and verifies it.
+A crash at any instant leaves the last committed snapshot intact: before the commit point, the
+new one is files without a manifest (never read, removed on the next start); after it, the new
+one is complete and durable. `latest` is a hint updated after the commit; resume lists the
+`step_N` holding a manifest, and verifies the newest.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from dtrain.snapshot.messages import Outcome, ShardReport, SnapshotMeta
 from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
 from dtrain.snapshot.staging import ForkedWriter, PageReleaser, StagingBuffers, byte_view, can_fork
 from dtrain.snapshot.tree import as_bytes, flatten
-from dtrain.storage import Storage
+from dtrain.storage import CommitConflictError, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,8 @@ class StagedSnapshot:
     """What one rank holds between staging and writing."""
 
     step: int
-    pending: str
+    save_dir: str
+    """Where its files go: the pending dir, or the final one where the manifest alone commits."""
     deadline: float
     """`time.monotonic()` by which every wait of this save ends."""
     files: list[tuple[PlannedFile, list[memoryview]]]
@@ -153,6 +158,9 @@ class SnapshotWriter:
         self._in_flight: PendingSnapshot | None = None
         self._old_outcome_key: str | None = None
         self._buffers = StagingBuffers()
+        self.replaceable: set[int] = set()
+        """Steps whose committed snapshot failed verification at resume: a save of one replaces it.
+        Any other committed snapshot of a step is never replaced (the commit refuses)."""
 
     def save(self, step: int, replicated: dict[str, Any], per_rank: dict[str, Any],
              meta: SnapshotMeta = SnapshotMeta()) -> PendingSnapshot:
@@ -205,7 +213,8 @@ class SnapshotWriter:
         self._buffers.keep_only({f.name for f, _ in files})
         _synchronize_copies(tensors)
         staged = StagedSnapshot(
-            step=step, pending=layout.pending_path(step, self.ctx.nonce), deadline=time.monotonic() + self.timeout,
+            step=step, save_dir=self.storage.save_dir(layout.pending_path(step, self.ctx.nonce), layout.committed_path(step)),
+            deadline=time.monotonic() + self.timeout,
             files=files, per_rank=per_rank_skeletons, per_rank_tensors=_entries([per_rank_file], per_rank_shared.stored, per_rank_shared.views),
             nbytes=sum(p.nbytes for f, _ in files for p in f.pieces),
             unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
@@ -269,9 +278,9 @@ class SnapshotWriter:
     def _write_files(self, staged: StagedSnapshot, done: Callable[[memoryview], None] | None = None) -> dict[str, Any]:
         written: dict[str, Any] = {"files": {}, "error": None}
         try:
-            self.storage.makedirs(staged.pending)
+            self.storage.makedirs(staged.save_dir)
             for planned, chunks in staged.files:
-                written["files"][planned.name] = self._write_file(f"{staged.pending}/{planned.name}", chunks, done)
+                written["files"][planned.name] = self._write_file(f"{staged.save_dir}/{planned.name}", chunks, done)
         except Exception as e:  # no logging here: this may run in a forked child
             written["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
         return written
@@ -303,22 +312,26 @@ class SnapshotWriter:
             if errors:
                 raise SnapshotError("; ".join(errors))
             manifest = self._manifest(staged, reports)
-            self.storage.write_atomic(f"{staged.pending}/{layout.MANIFEST}", manifest.to_bytes())
             if time.monotonic() > staged.deadline:  # the other ranks may have given this save up
                 raise SnapshotError(f"its deadline passed (snapshot.timeout_seconds={self.timeout:g})")
-            if self.storage.exists(final):  # a snapshot of this step that failed verification earlier
-                self.storage.rename(final, f"{layout.PENDING}/replaced-{layout.step_dir_name(staged.step)}.{self.ctx.nonce}")
-            self.storage.rename(staged.pending, final)
-        except Exception as e:
-            self.storage.remove_tree(staged.pending)
+            if staged.step in self.replaceable and self.storage.exists(f"{final}/{layout.MANIFEST}"):
+                aside = f"{layout.PENDING}/replaced-{layout.step_dir_name(staged.step)}.{self.ctx.nonce}"
+                self.storage.uncommit(final, aside, layout.MANIFEST)
+            self.storage.commit(staged.save_dir, final, layout.MANIFEST, manifest.to_bytes())
+        except CommitConflictError as e:  # another writer's snapshot: its files must stay
+            if staged.save_dir != final:
+                self.storage.remove_tree(staged.save_dir)
             return Outcome(None, error=f"snapshot of step {staged.step} was not committed: {e}")
-        self._after_rename(staged.step)
+        except Exception as e:
+            self.storage.remove_tree(staged.save_dir)
+            return Outcome(None, error=f"snapshot of step {staged.step} was not committed: {e}")
+        self.replaceable.discard(staged.step)
+        self._after_commit_point(staged.step)
         return Outcome(final, manifest.total_bytes)
 
-    def _after_rename(self, step: int) -> None:
+    def _after_commit_point(self, step: int) -> None:
         """Past the commit point: the snapshot is committed whatever fails here, so failures only warn."""
         try:
-            self.storage.sync_dir(layout.SNAPSHOTS)
             self.storage.write_atomic(layout.LATEST, f"{layout.step_dir_name(step)}\n".encode())
         except Exception as e:
             logger.warning("snapshot of step %d is committed, but updating %s failed (%s: %s); resume finds it "

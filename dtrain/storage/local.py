@@ -17,6 +17,7 @@ the run at its start rather than at its restore.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,10 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from dtrain.storage.base import CommitConflictError
+
+logger = logging.getLogger(__name__)
 
 _WRITE_BLOCK = 8 << 20  # large writes, but bounded, so a slow disk still reports progress per block
 _READ_BLOCK = 1 << 20  # `read_bytes` reads in blocks: one `os.read(fd, limit)` would allocate `limit` up front
@@ -99,6 +104,9 @@ class LocalStorage:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def describe(self, path: str = "") -> str:
+        return str(self.path(path)) if path else str(self.root)
+
     # -- writing -----------------------------------------------------------------------------
 
     def open_write(self, path: str) -> LocalWriteHandle:
@@ -121,8 +129,8 @@ class LocalStorage:
         self.sync_dir(str(Path(path).parent))
 
     def remove_temp_files(self, path: str) -> list[str]:
-        """Names removed: temp files of `write_atomic`, and symlinks so named (the link itself,
-        never its target). Nothing is followed; other kinds of entry are left alone."""
+        """Names removed from directory `path`: temp files of `write_atomic`, and symlinks so named
+        (the link itself, never its target). Nothing is followed; other kinds of entry are left alone."""
         try:
             dir_fd = self._open_dir(path, _parts(path))
         except (FileNotFoundError, UnsafePathError):
@@ -154,6 +162,38 @@ class LocalStorage:
 
     def rename(self, src: str, dst: str) -> None:
         os.rename(self.path(src), self.path(dst))
+
+    # -- the commit primitive: a directory rename --------------------------------------------
+
+    def save_dir(self, pending: str, final: str) -> str:
+        return pending  # written aside, made visible by one rename
+
+    def commit(self, save_dir: str, final: str, manifest_name: str, manifest: bytes) -> None:
+        """Write the manifest into `save_dir` (fsynced, with the dir), then rename the dir to
+        `final`: the commit point. The rename never replaces a committed snapshot (one with a
+        manifest), nor any non-empty directory. A failed fsync of the parent after the rename only
+        warns: the snapshot is committed."""
+        if self.exists(f"{final}/{manifest_name}"):
+            raise CommitConflictError(f"{self.path(final)} is committed already; this save was not")
+        self.write_atomic(f"{save_dir}/{manifest_name}", manifest)
+        try:
+            os.rename(self.path(save_dir), self.path(final))
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise CommitConflictError(f"{self.path(final)} appeared while committing ({e.strerror})") from None
+        try:
+            self.sync_dir(str(Path(final).parent))
+        except OSError as e:
+            logger.warning("%s is committed, but making its rename durable failed (%s); a power cut may undo it",
+                           self.path(final), e)
+
+    def uncommit(self, final: str, aside: str, manifest_name: str) -> str:
+        """One rename out of sight (into `aside`), made durable; the files are deleted later."""
+        self.makedirs(str(Path(aside).parent))
+        self.rename(final, aside)
+        self.sync_dir(str(Path(final).parent))
+        return aside
 
     def sync_dir(self, path: str) -> None:
         fd = os.open(self.path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
