@@ -11,9 +11,13 @@ One process (world size 1) holds an MLP's parameters and Adam state (`bench.stat
     dtrain restore  reader.restore(..., into=live): parallel ranged GETs straight into the tensors, CRC-32C checked
     floor download  the same objects by `download_fileobj` (16 MiB parts, 8 threads) into memory
 
-Medians over the repetitions go to stdout and `--out` (bench/s3_results.json). DCP is not measured
-here: its S3 path needs fsspec's `s3fs` and `aiobotocore` (which pins botocore to a narrow range of
-its own), not among the dependencies.
+    dcp save        torch.distributed.checkpoint.save of the same state through AWS's `s3torchconnector`
+                    (`S3StorageWriter`, 8 threads, path-style addressing for the local endpoint)
+    dcp load        torch.distributed.checkpoint.load of it back into the live state (`S3StorageReader`)
+
+Medians over the repetitions go to stdout and `--out` (bench/s3_results.json). DCP's other S3 path,
+fsspec's `s3fs`, cannot be installed beside boto3 here: its `aiobotocore` pins botocore to another
+range than boto3's.
 """
 
 from __future__ import annotations
@@ -80,8 +84,28 @@ def repetition(state: Any, rep: int) -> dict[str, float]:
     restore = time.perf_counter() - started
     sizes = [f.bytes for f in manifest.files.values()]
     upload, download = floor(storage, sizes, rep)
+    dcp_save, dcp_load = dcp_round_trip(live, rep)
     return {"bytes": sum(sizes), "dtrain_save": save, "floor_upload": upload,
-            "dtrain_restore": restore, "floor_download": download}
+            "dtrain_restore": restore, "floor_download": download, "dcp_save": dcp_save, "dcp_load": dcp_load}
+
+
+def dcp_round_trip(live: dict[str, Any], rep: int) -> tuple[float, float]:
+    """Seconds for DCP to save `live` into the bucket through s3torchconnector, then load it back."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from s3torchconnector import S3ClientConfig
+    from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
+
+    config, region, path = S3ClientConfig(force_path_style=True), os.environ["AWS_REGION"], f"s3://{BUCKET}/dcp-{rep}"
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        started = time.perf_counter()
+        dcp.save(live, storage_writer=S3StorageWriter(region, path, s3client_config=config, thread_count=CONCURRENCY))
+        save = time.perf_counter() - started
+        started = time.perf_counter()
+        dcp.load(live, storage_reader=S3StorageReader(region, path, s3client_config=config))
+    return save, time.perf_counter() - started
 
 
 def floor(storage: S3Storage, sizes: list[int], rep: int) -> tuple[float, float]:
@@ -111,6 +135,8 @@ def render(results: dict[str, Any]) -> str:
         for key in (ours, base):
             ratio = f"{m[key] / m[base]:.2f}" if key == ours else ""
             lines.append(f"{key.replace('_', ' '):<16} {m[key]:>8.2f} {mb / m[key]:>7.0f} {ratio:>8}")
+    for ours, theirs in (("dtrain_save", "dcp_save"), ("dtrain_restore", "dcp_load")):
+        lines.append(f"{ours.replace('_', ' ')} / {theirs.replace('_', ' ')}: {m[ours] / m[theirs]:.2f}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.config import Config, check_resume_config
-from dtrain.data import collate, share_bounds
+from dtrain.data import collate, rank_share, share_bounds
 from dtrain.dist import DistContext
 from dtrain.loader import SampleReadError, StepBatches, micro_batches
 from dtrain.precision import MixedPrecision
@@ -91,14 +91,11 @@ class Trainer:
         batches = iter(StepBatches(self.train_data, self.sampler, self.cfg.data, self.ctx.device, self.cfg.train.seed))
         self.timer = StepTimer()
         try:
-            while self.step < self.cfg.train.steps:
-                step, ids, batch = self.next_batch(batches)
-                loss, grad_norm = self.train_step(ids, batch)
-                self.timer.trained(self.sampler.global_batch_len(step))
-                self.step = step
-                self.sampler.consumed(self.step)
-                self.after_step(loss, grad_norm)
-                self.snap.step(self.step, self.state, metrics=self.evaluate)  # may raise dtrain.Preempted
+            self.train_steps(batches)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):  # torch's words for a worker that died or broke its pipe
+                raise
+            raise self.worker_died(e) from e
         finally:
             del batches  # stops DataLoader workers now, not at garbage collection
         self.snap.close(self.step, self.state, metrics=self.evaluate)
@@ -106,19 +103,33 @@ class Trainer:
         logger.info("finished at step %d  %s", self.step, "  ".join(f"{k}={v:.4g}" for k, v in self.metrics.items()))
         return TrainResult(self.step, dict(self.metrics), resumed_from)
 
+    def train_steps(self, batches: Iterator[tuple[int, torch.Tensor, Any]]) -> None:
+        while self.step < self.cfg.train.steps:
+            step, ids, batch = self.next_batch(batches)
+            loss, grad_norm = self.train_step(ids, batch)
+            self.timer.trained(self.sampler.global_batch_len(step))
+            self.step = step
+            self.sampler.consumed(self.step)
+            self.after_step(loss, grad_norm)
+            self.snap.step(self.step, self.state, metrics=self.evaluate)  # may raise dtrain.Preempted
+
     def next_batch(self, batches: Iterator[tuple[int, torch.Tensor, Any]]) -> tuple[int, torch.Tensor, Any]:
         self.timer.waiting()
-        try:
-            step, ids, batch = next(batches)
-        except SampleReadError:
-            raise
-        except RuntimeError as e:  # a DataLoader worker died (killed, out of memory) or its pipe broke
-            raise SampleReadError(f"a data worker failed while reading step {self.step + 1}: {e}; "
-                                  "check the worker's memory and the dataset, or set data.num_workers = 0") from e
+        step, ids, batch = next(batches)
         self.timer.ready()
         if self.on_batch is not None:
             self.on_batch(step - 1, ids)
         return step, ids, batch
+
+    def worker_died(self, error: RuntimeError) -> SampleReadError:
+        """The error for a DataLoader worker that died: torch reports it wherever the training process
+        is when it notices (its SIGCHLD handler), so name the step trained or awaited and its samples."""
+        awaited = rank_share(self.sampler.order.batch_at(self.sampler.cursor), self.ctx.rank,
+                             self.ctx.world_size).tolist()
+        return SampleReadError(
+            f"a data worker failed while step {self.step + 1} (samples {awaited[:8]}"
+            f"{'...' if len(awaited) > 8 else ''}) was read or trained; it may have been reading a later step: "
+            f"{error}. Check the worker's memory and the dataset's reads, or set data.num_workers = 0")
 
     def resume(self) -> int | None:
         self.step = self.snap.restore(self.state, check_hparams=self.check_config)

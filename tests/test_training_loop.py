@@ -12,6 +12,7 @@ Each is state or timing a resume must get exactly right:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from dtrain.loader import SampleReadError, StepBatches, micro_batches
 from dtrain.precision import MixedPrecision
 from dtrain.sampler import ResumableSampler
 from tests.distributed import run_ranks
-from tests.workloads import train, train_killing_one_rank, train_ledgered
+from tests.workloads import train, train_expecting_error, train_killing_one_rank, train_ledgered
 
 # 470 samples, batch 32: 15 steps an epoch, the last partial; the run crosses into epoch 1.
 DATA = ["task.options.num_samples=470", "snapshot.every_steps=3", "train.seed=9", "task.options.dropout=0.0",
@@ -200,3 +201,10 @@ def test_a_fp16_scaler_resumes_with_its_scale_and_a_bf16_snapshot_gives_a_fresh_
 def test_bad_loop_settings_are_refused_naming_the_key(key: str, value: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_config(None, [f"{key}={value}"])
+
+
+def test_a_data_worker_killed_stops_the_run_naming_the_step_awaited(tmp_path: Path) -> None:
+    [message] = run_ranks(train_expecting_error, 1, str(tmp_path), [
+        "task.data=tests.dying_data:build_datasets", "data.num_workers=2", "train.steps=40", "snapshot.every_steps=0"])
+    assert re.search(r"a data worker failed while step \d+ \(samples \[\d+", message), message
+    assert "killed by signal" in message and "data.num_workers = 0" in message, message

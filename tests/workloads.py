@@ -150,3 +150,14 @@ def restore_in_place(run_dir: str, step: int, is_one_host: bool) -> dict[str, An
     dist.destroy_process_group()
     return {"model": {k: v.clone() for k, v in model.items()},
             "in_place": all(model[k].data_ptr() == live[k].data_ptr() for k in live)}
+
+
+def train_expecting_error(run_dir: str, overrides: list[str]) -> str:
+    """Train; the message of the DTrainError that stops it."""
+    cfg = load_config(None, SMALL + overrides)
+    ctx = init_distributed(cfg)
+    try:
+        Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx).fit()
+    except DTrainError as e:
+        return str(e)
+    raise AssertionError("training finished without the expected error")
