@@ -207,4 +207,5 @@ def test_a_data_worker_killed_stops_the_run_naming_the_step_awaited(tmp_path: Pa
     [message] = run_ranks(train_expecting_error, 1, str(tmp_path), [
         "task.data=tests.dying_data:build_datasets", "data.num_workers=2", "train.steps=40", "snapshot.every_steps=0"])
     assert re.search(r"a data worker failed while step \d+ \(samples \[\d+", message), message
-    assert "killed by signal" in message and "data.num_workers = 0" in message, message
+    # torch's words for the death: its SIGCHLD handler's, or its queue's when that notices first
+    assert re.search(r"killed by signal|exited unexpectedly", message) and "data.num_workers = 0" in message, message
