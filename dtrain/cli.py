@@ -219,15 +219,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from dtrain.snapshot import catalog
+    from dtrain.snapshot.shards import row_layout
 
     storage, step = catalog.resolve(args.snapshot)
     m = catalog.read_manifest(storage, catalog.newest_step(storage) if step is None else step)
+    rows = row_layout(m)
     if args.json:
-        print(json.dumps(asdict(m), indent=2))
+        print(json.dumps({**asdict(m), "sharded_rows": rows}, indent=2))
         return 0
     print(f"snapshot     {catalog.snapshot_path(storage, m.step)}")
     print(f"step         {m.step}")
     print(f"world size   {m.world_size}")
+    print(f"strategy     {m.config.get('dist', {}).get('strategy') or ('fsdp' if rows else 'ddp')}")
     print(f"progress     {json.dumps(m.progress)}")
     print(f"metrics      {json.dumps(m.metrics)}")
     print(f"versions     {json.dumps(m.versions)}")
@@ -235,6 +238,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for name, f in sorted(m.files.items()):
         print(f"  {name:<24} {f.bytes:>12} bytes  crc32c {f.crc32c:08x}  written by rank {f.writer}")
     print(f"tensors      {len(m.tensors)} ({sum(1 for t in m.tensors.values() if t.view)} stored as views of shared bytes)")
+    if rows:
+        print(f"sharded      {len(rows)} tensors, by rows along dim 0 (rank: rows)")
+        for key, spans in sorted(rows.items()):
+            shape = "x".join(map(str, m.tensors[key].shape))
+            print(f"  {key:<40} {shape:>14}  " + "  ".join(f"{r}: {lo}-{hi}" for r, lo, hi in spans))
     return 0
 
 

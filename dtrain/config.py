@@ -24,6 +24,7 @@ from dtrain.errors import ConfigError
 
 AUTO = "auto"
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class TaskConfig:
     """`module:function(optimizer, options) -> LR scheduler or None`; empty for none."""
     loss: str = "dtrain.examples.teacher:per_sample_loss"
     """`module:function(output, target) -> per-sample loss tensor` (no reduction)."""
+    shard: str = ""
+    """`module:function(model) -> list of submodules`, the blocks `dist.strategy = "fsdp"` shards one
+    by one (each gathered only while it computes); empty: every top-level child with parameters."""
     options: dict[str, Any] = field(default_factory=dict)
     """Free-form hyperparameters handed to every builder; recorded in each snapshot."""
 
@@ -108,6 +112,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    strategy: str = "ddp"
+    """`ddp`: every rank holds the whole model and optimizer; `fsdp`: each holds a shard of them
+    (FSDP2's `fully_shard`), for models whose state does not fit on one device. Either can resume
+    the other's snapshots, on any number of processes."""
     backend: str = AUTO
     """`auto` (nccl with CUDA, else gloo), `gloo` or `nccl`."""
     timeout_seconds: float = 120.0
@@ -234,10 +242,14 @@ def validate(cfg: Config) -> None:
     _require(s.file_mb >= 1, "snapshot.file_mb", s.file_mb, "use a positive size in MiB")
     _require(s.staging in (AUTO, "copy", "fork"), "snapshot.staging", s.staging, "use auto, copy or fork")
     _require(0 < s.mtbf_seconds < math.inf, "snapshot.mtbf_seconds", s.mtbf_seconds, "use a positive, finite number of seconds")
+    _require(d.strategy in STRATEGIES, "dist.strategy", d.strategy, f"use {' or '.join(STRATEGIES)}")
+    _require(not (d.strategy == "fsdp" and t.precision == "fp16"), "train.precision", t.precision,
+             'fp16 needs a gradient scaler that sees whole gradients; use bf16 with dist.strategy = "fsdp"')
     _require(d.backend in (AUTO, "gloo", "nccl"), "dist.backend", d.backend, "use auto, gloo or nccl")
     _require(0 < d.timeout_seconds < math.inf, "dist.timeout_seconds", d.timeout_seconds, "use a positive, finite number of seconds")
     for key in ("model", "data", "optimizer", "loss"):
         _require_entry_point(f"task.{key}", getattr(cfg.task, key), optional=False)
+    _require_entry_point("task.shard", cfg.task.shard, optional=True)
     _require_entry_point("task.scheduler", cfg.task.scheduler, optional=True)
 
 
@@ -329,6 +341,8 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_defining(key: str) -> bool:
+    if key == "task.shard":  # how the model is cut over the ranks, not what it computes
+        return False
     return any(key == d or key.startswith(f"{d}.") for d in DEFINING_KEYS)
 
 

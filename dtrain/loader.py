@@ -107,13 +107,21 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def micro_batches(batch: Any, size: int) -> list[Any]:
+def micro_batches(batch: Any, size: int, count: int = 0) -> list[Any]:
     """Split a collated batch (tensors, or tuples/dicts of them, samples first) into pieces of at most
-    `size` samples; the whole batch, once, when `size` is 0 or covers it. An empty batch stays one piece."""
+    `size` samples; the whole batch, once, when `size` is 0 or covers it. An empty batch stays one piece.
+    With `count`, empty pieces are added up to `count` (FSDP needs as many forwards on every rank)."""
     n = _batch_len(batch)
-    if size == 0 or n <= size:
-        return [batch]
-    return [torch.utils._pytree.tree_map(lambda t, lo=lo: t[lo:lo + size], batch) for lo in range(0, n, size)]
+    starts = range(0, n, size) if size and n > size else [0]
+    pieces = [torch.utils._pytree.tree_map(lambda t, lo=lo: t[lo:lo + (size or n)], batch) for lo in starts]
+    empty = torch.utils._pytree.tree_map(lambda t: t[:0], batch)
+    return pieces + [empty] * (count - len(pieces))
+
+
+def micro_batch_count(global_len: int, world_size: int, size: int) -> int:
+    """The most micro-batches any rank's share of a global batch of `global_len` splits into."""
+    largest = -(-global_len // world_size)
+    return max(1, -(-largest // size)) if size else 1
 
 
 def _batch_len(batch: Any) -> int:

@@ -45,7 +45,7 @@ from dtrain.snapshot.manager import SnapshotManager
 from dtrain.snapshot.messages import SnapshotMeta
 from dtrain.snapshot.policy import Progress, SavePolicy, YoungDaly, policies_from
 from dtrain.snapshot.writer import SaveResult
-from dtrain.state import RNG_KEY, RNGState, Stateful, seed_all, versions
+from dtrain.state import RNG_KEY, RNGState, Stateful, make_sharded_state, seed_all, versions
 from dtrain.storage import RunLocation, Storage, parse_run_dir
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Snapshotter:
         `state` is loaded: raise from it to refuse a resume whose settings changed.
         """
         self.manager.prepare_run_dir()
-        restored = self.manager.restore_latest(into=_live_state_dicts(state))
+        restored = self.manager.restore_latest(into=lambda: _live_state_dicts(state))
         if restored is None:
             logger.info("no snapshot in %s: starting at step 0 at world size %d", self.manager.storage.describe(),
                         self.world_size)
@@ -232,9 +232,18 @@ def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _live_state_dicts(state: dict[str, Any]) -> dict[str, Any]:
-    """What restore may read straight into: live tensors only (a module's parameters, a plain tensor)."""
-    return {name: obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-            for name, obj in state.items() if isinstance(obj, (torch.nn.Module, torch.Tensor))}
+    """What restore may read straight into: live tensors (a module's parameters and buffers, an
+    optimizer's state, a plain tensor). Called once a snapshot is found, so an optimizer over
+    sharded parameters may be given its state first."""
+    live: dict[str, Any] = {}
+    for name, obj in state.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            make_sharded_state(obj)
+        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+            live[name] = obj.state_dict()
+        elif isinstance(obj, torch.Tensor):
+            live[name] = obj
+    return live
 
 
 def _load(state: dict[str, Any], saved: dict[str, Any], step: int) -> None:

@@ -48,6 +48,34 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"])
 
 
+def make_sharded_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give an optimizer over sharded parameters (FSDP's DTensors) its state before a restore.
+
+    Restore reads each rank's rows into live DTensors; an optimizer that has not stepped has no
+    state tensors to read into, and `load_state_dict` alone would make whole tensors on every rank.
+    One step with zero gradients at learning rate 0 makes the state (as torch.distributed.checkpoint
+    does); the restore then overwrites it, and the parameters, whole.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if optimizer.state or not any(isinstance(p, DTensor) for p in params):
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    made = [p for p in params if p.grad is None]
+    for p in made:
+        p.grad = torch.zeros_like(p)
+    try:
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
+        for p in made:
+            p.grad = None
+
+
 def seed_all(seed: int, step: int, rank: int) -> None:
     """Derive every generator of this rank from (seed, step, rank); used at start and on a world-size change."""
     mixed = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)

@@ -7,7 +7,6 @@ raises `dtrain.Preempted`. What this loop does, a loop of your own can do: see t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -18,19 +17,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.config import Config, check_resume_config
 from dtrain.data import collate, rank_share, share_bounds
 from dtrain.dist import DistContext
-from dtrain.loader import SampleReadError, StepBatches, micro_batches
+from dtrain.loader import SampleReadError, StepBatches, micro_batch_count, micro_batches
+from dtrain.parallel import Parallel
 from dtrain.precision import MixedPrecision
 from dtrain.progress import ProgressLog
 from dtrain.sampler import ResumableSampler
 from dtrain.snapshotter import Snapshotter
 from dtrain.state import seed_all
 from dtrain.storage import Storage
-from dtrain.task import Task
+from dtrain.task import Task, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,8 @@ class Trainer:
         self.allow_config_change = allow_config_change
         seed_all(cfg.train.seed, 0, 0)  # identical init on every rank
         self.model = task.build_model(task.options).to(ctx.device)
-        self.ddp = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        blocks = resolve("task.shard", cfg.task.shard) if cfg.task.shard else None
+        self.parallel = Parallel.wrap(self.model, cfg.dist.strategy, ctx.device, cfg.train.precision, blocks)
         self.optimizer = task.build_optimizer(self.model.parameters(), task.options)
         self.scheduler = task.build_scheduler(self.optimizer, task.options) if task.build_scheduler else None
         self.amp = MixedPrecision(cfg.train.precision, ctx.device, cfg.train.grad_clip_norm)
@@ -162,16 +162,18 @@ class Trainer:
         # DDP averages gradients over ranks; scaling each summed loss by world/len(batch) makes that
         # average the mean over the global batch, whatever each rank's share or micro-batches.
         weight = self.ctx.world_size / global_len
-        pieces = micro_batches(batch, self.cfg.train.micro_batch_size)
-        self.ddp.train()
+        micro = self.cfg.train.micro_batch_size
+        count = micro_batch_count(global_len, self.ctx.world_size, micro) if self.parallel.strategy == "fsdp" else 0
+        pieces = micro_batches(batch, micro, count)
+        self.parallel.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for i, piece in enumerate(pieces):
             inputs, targets = (t.to(self.ctx.device, non_blocking=True) for t in piece)
-            # gradients are all-reduced once, after the last micro-batch's backward
-            with self.ddp.no_sync() if i < len(pieces) - 1 else contextlib.nullcontext():
+            # gradients are synchronized once, after the last micro-batch's backward
+            with self.parallel.accumulating(last=i == len(pieces) - 1):
                 with self.amp.autocast():
-                    losses = self.task.per_sample_loss(self.ddp(inputs), targets)
+                    losses = self.task.per_sample_loss(self.parallel.module(inputs), targets)
                 self.amp.backward(losses.sum() * weight)
             total += losses.detach().double().sum()
         measure = (self.step + 1) % self.cfg.train.log_every_steps == 0
@@ -192,15 +194,18 @@ class Trainer:
     # -- evaluation, logging -----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Mean per-sample loss over the eval set, each rank taking a contiguous share (once a step)."""
+        """Mean per-sample loss over the eval set, each rank taking a contiguous share (once a step).
+        Every rank runs as many forwards, the last ones possibly empty: FSDP gathers in each."""
         if self.eval_data is None or len(self.eval_data) == 0 or self.metrics.get("metrics_step") == self.step:
             return self.metrics
         start, end = share_bounds(len(self.eval_data), self.ctx.rank, self.ctx.world_size)
+        size = self.cfg.train.global_batch_size
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         self.model.eval()
         with torch.no_grad():
-            for lo in range(start, end, self.cfg.train.global_batch_size):
-                ids = torch.arange(lo, min(end, lo + self.cfg.train.global_batch_size))
+            for i in range(micro_batch_count(len(self.eval_data), self.ctx.world_size, size)):
+                lo = start + i * size
+                ids = torch.arange(lo, max(lo, min(end, lo + size)))
                 inputs, targets = (t.to(self.ctx.device) for t in collate(self.eval_data, ids))
                 with self.amp.autocast():
                     total[0] += self.task.per_sample_loss(self.model(inputs), targets).double().sum()

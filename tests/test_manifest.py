@@ -35,12 +35,12 @@ def _manifest() -> Manifest:
         per_rank=[{"rng": {"torch": {"__tensor__": "rank00000/rng/torch"}}},
                   {"rng": {"torch": {"__tensor__": "rank00001/rng/torch"}}}],
         tensors={
-            "model/w": TensorEntry("float32", [2, 3], [Piece("replicated-00000.bin", 0, 0, 16),
-                                                       Piece("replicated-00001.bin", 0, 16, 8)]),
-            "model/b": TensorEntry("bfloat16", [2], [Piece("replicated-00001.bin", 8, 0, 4)]),
-            "model/empty": TensorEntry("int64", [0, 5], [Piece("replicated-00001.bin", 12, 0, 0)]),
-            "rank00000/rng/torch": TensorEntry("uint8", [4], [Piece("rank-00000.bin", 0, 0, 4)]),
-            "rank00001/rng/torch": TensorEntry("uint8", [4], [Piece("rank-00001.bin", 0, 0, 4)]),
+            "model/w": TensorEntry("float32", [2, 3], [Piece("replicated-00000.bin", 0, 0, 16, 0x1111),
+                                                       Piece("replicated-00001.bin", 0, 16, 8, 0x2222)]),
+            "model/b": TensorEntry("bfloat16", [2], [Piece("replicated-00001.bin", 8, 0, 4, 0x3333)]),
+            "model/empty": TensorEntry("int64", [0, 5], [Piece("replicated-00001.bin", 12, 0, 0, 0)]),
+            "rank00000/rng/torch": TensorEntry("uint8", [4], [Piece("rank-00000.bin", 0, 0, 4, 0x4444)]),
+            "rank00001/rng/torch": TensorEntry("uint8", [4], [Piece("rank-00001.bin", 0, 0, 4, 0x4444)]),
         },
         files={
             "replicated-00000.bin": FileEntry(16, 0x1234ABCD, 0),

@@ -8,6 +8,7 @@
         step_000000150/                 a committed snapshot
           manifest.json                 written last, by rank 0: what makes the files a snapshot
           replicated-00000.bin          model/optimizer bytes, spread over the writing ranks
+          shard-00001-00000.bin         rank 1's rows of sharded (FSDP) tensors
           rank-00001.bin                per-rank state of rank 1 (its RNG)
         .pending/                       in-flight and abandoned saves; never read, cleaned on start
         .latest.tmp-<pid>-<hex>         a `latest` update a kill interrupted; removed on start
@@ -45,6 +46,10 @@ def pending_path(step: int, nonce: str) -> str:
 
 def replicated_file(index: int) -> str:
     return f"replicated-{index:05d}.bin"
+
+
+def shard_file(rank: int, index: int) -> str:
+    return f"shard-{rank:05d}-{index:05d}.bin"
 
 
 def per_rank_file(rank: int) -> str:

@@ -64,7 +64,7 @@ class SnapshotManager:
                 logger.info("removed what an interrupted write left, %s/%s", layout.SNAPSHOTS, name)
         self.ctx.barrier()
 
-    def restore_latest(self, into: dict[str, Any] | None = None) -> reader.Restored | None:
+    def restore_latest(self, into: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> reader.Restored | None:
         """The newest committed snapshot that verifies, restored on every rank; None when there is none.
 
         `into` (live state dicts) receives the bytes directly, see `reader.restore`. When snapshots

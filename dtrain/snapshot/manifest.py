@@ -7,7 +7,7 @@ once: a uint8 tensor holds the shared bytes and each of them is a `View` of it.
 
 It holds every non-tensor value of the state too (step, data cursor, learning rates, Python RNG
 state), so its own bytes are checksummed like the files': `manifest.json` is one header line,
-`dtrain-snapshot 2 crc32c=XXXXXXXX bytes=N`, then N bytes of JSON whose CRC-32C the header gives.
+`dtrain-snapshot 3 crc32c=XXXXXXXX bytes=N`, then N bytes of JSON whose CRC-32C the header gives.
 A changed digit anywhere is corruption, never a silently different resume.
 
 Parsing treats it as hostile: file names must be plain names inside the snapshot, sizes and
@@ -28,7 +28,9 @@ from dtrain.errors import CorruptSnapshotError, UnsafeSnapshotError
 from dtrain.snapshot import checksum
 
 FORMAT = "dtrain-snapshot"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Version 3 gives every piece its own CRC-32C, so a rank can check the part of a file it reads."""
 _HEADER = re.compile(rb"dtrain-snapshot (\d+) crc32c=([0-9a-f]{8}) bytes=(\d+)\n")
 MAX_MANIFEST_BYTES = 256 << 20
 _MAX_FILES = 1_000_000
@@ -57,7 +59,10 @@ class Piece:
     file: str
     file_offset: int
     tensor_offset: int
+    """Where the piece starts in the bytes of the whole tensor (row-major), whoever held them."""
     nbytes: int
+    crc32c: int | None = None
+    """The CRC-32C of the piece's bytes (None in version 2 snapshots: only whole files are checked)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,12 @@ class TensorEntry:
     pieces: list[Piece]
     """Where its bytes are, in order; empty for a view."""
     view: View | None = None
+
+    def is_alias_of(self, base: TensorEntry) -> bool:
+        """Whether this view is the whole of `base`, a tensor of its own dtype and shape (a tied,
+        sharded parameter stored once), rather than a view into a shared uint8 base."""
+        return (self.view is not None and self.view.byte_offset == 0 and self.view.stride == contiguous_strides(self.shape)
+                and (base.dtype, base.shape) == (self.dtype, self.shape))
 
     @property
     def nbytes(self) -> int:
@@ -131,7 +142,7 @@ class Manifest:
         """Parse `manifest.json` after checking its header's length and CRC-32C."""
         header, _, body = data.partition(b"\n")
         found = _HEADER.fullmatch(header + b"\n")
-        if found is None or int(found[1]) != VERSION:
+        if found is None or int(found[1]) not in READABLE_VERSIONS:
             raise UnsafeSnapshotError(f"{where}: not a {FORMAT} {VERSION} manifest (it starts {header[:60]!r}); "
                                       "it was written by another version or is corrupt")
         crc = checksum.extend(0, memoryview(body))
@@ -162,9 +173,10 @@ def with_header(body: bytes) -> bytes:
 
 def _parse(raw: Any) -> Manifest:
     raw = _of(dict, raw, "manifest")
-    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+    if raw.get("format") != FORMAT or raw.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, expected {FORMAT!r} {VERSION}")
-    tensors = {k: _tensor(v, k) for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()}
+    version = raw["version"]
+    tensors = {k: _tensor(v, k, version) for k, v in _bounded(raw["tensors"], _MAX_TENSORS, "tensors").items()}
     files = {k: FileEntry(_int(v["bytes"], "bytes"), _int(v["crc32c"], "crc32c"), _int(v["writer"], "writer"))
              for k, v in _bounded(raw["files"], _MAX_FILES, "files").items() if _fields(v, FileEntry, k)}
     return Manifest(
@@ -174,11 +186,11 @@ def _parse(raw: Any) -> Manifest:
         config=_of(dict, raw["config"], "config"), versions=_of(dict, raw["versions"], "versions"),
         objects=_of(dict, raw["objects"], "objects"),
         per_rank=[_of(dict, r, "per_rank") for r in _of(list, raw["per_rank"], "per_rank")],
-        tensors=tensors, files=files,
+        tensors=tensors, files=files, version=version,
     )
 
 
-def _tensor(v: Any, key: str) -> TensorEntry:
+def _tensor(v: Any, key: str, version: int) -> TensorEntry:
     v = _fields(v, TensorEntry, key)
     view = None
     if v["view"] is not None:
@@ -186,13 +198,16 @@ def _tensor(v: Any, key: str) -> TensorEntry:
         view = View(_of(str, w["base"], "base"), _int(w["byte_offset"], "byte_offset"),
                     [_int(d, "stride") for d in _of(list, w["stride"], "stride")])
     return TensorEntry(_of(str, v["dtype"], "dtype"), [_int(d, "shape") for d in _of(list, v["shape"], "shape")],
-                       [_piece(p) for p in _of(list, v["pieces"], "pieces")], view)
+                       [_piece(p, version) for p in _of(list, v["pieces"], "pieces")], view)
 
 
-def _piece(p: Any) -> Piece:
+def _piece(p: Any, version: int) -> Piece:
+    if version == 2:  # pieces had no checksum of their own
+        p = {**_of(dict, p, "piece"), "crc32c": None}
     p = _fields(p, Piece, "piece")
+    crc = None if version == 2 else _int(p["crc32c"], "crc32c")
     return Piece(_of(str, p["file"], "file"), _int(p["file_offset"], "file_offset"),
-                 _int(p["tensor_offset"], "tensor_offset"), _int(p["nbytes"], "nbytes"))
+                 _int(p["tensor_offset"], "tensor_offset"), _int(p["nbytes"], "nbytes"), crc)
 
 
 def _of(kind: type | tuple[type, ...], value: Any, what: str) -> Any:
@@ -256,9 +271,12 @@ def _check_tensor(key: str, t: TensorEntry, files: dict[str, FileEntry], where: 
 
 
 def _check_view(key: str, t: TensorEntry, tensors: dict[str, TensorEntry], where: str) -> None:
-    """A view must lie inside a stored 1-d uint8 base, aligned for its dtype."""
+    """A view must lie inside a stored 1-d uint8 base, aligned for its dtype, or be an alias: the
+    whole of a stored tensor of its own dtype and shape."""
     v = t.view
     base = tensors.get(v.base)
+    if base is not None and base.view is None and t.is_alias_of(base):
+        return
     _expect(base is not None and base.view is None and base.dtype == "uint8" and len(base.shape) == 1, where,
             f"tensor {key} is a view of {v.base!r}, which is not a stored uint8 tensor")
     _expect(len(v.stride) == len(t.shape) and all(0 <= s <= _MAX_BYTES for s in v.stride), where,
@@ -279,6 +297,14 @@ def _check_files_tiled(m: Manifest, where: str) -> None:
     for name, f in m.files.items():
         _expect(ends.get(name, 0) == f.bytes, where,
                 f"file {name} is {f.bytes} bytes, its pieces hold {ends.get(name, 0)}")
+
+
+def contiguous_strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
 
 
 def file_pieces(m: Manifest) -> list[tuple[str, Piece]]:

@@ -37,6 +37,10 @@ class ShardReport:
     per_rank: dict[str, Any]
     """The JSON skeletons of this rank's own state (its RNG streams)."""
     per_rank_tensors: dict[str, TensorEntry]
+    sharded_tensors: dict[str, TensorEntry]
+    """Every sharded tensor, with the pieces of the rows this rank wrote."""
+    piece_crcs: dict[str, list[list[int]]]
+    """For each file written, `[file_offset, nbytes, crc32c]` of each of its pieces."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -45,7 +49,8 @@ class ShardReport:
     def from_json(cls, text: bytes) -> ShardReport:
         raw = json.loads(text)
         return cls(raw["rank"], {k: FileEntry(**f) for k, f in raw["files"].items()}, raw["error"], raw["per_rank"],
-                   {k: _entry_from_json(e) for k, e in raw["per_rank_tensors"].items()})
+                   {k: _entry_from_json(e) for k, e in raw["per_rank_tensors"].items()},
+                   {k: _entry_from_json(e) for k, e in raw["sharded_tensors"].items()}, raw["piece_crcs"])
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Which rank writes, and which rank reads, which bytes.
 
-Replicated state (the DDP model and optimizer, identical on every rank) is written once in
+Sharded state (FSDP's parameters and optimizer state) is written by the ranks that hold it, each
+its own rows (`plan_shards`, see `shards`). Replicated state (the DDP model and optimizer, identical on every rank) is written once in
 total: its tensors are cut into pieces of at most `file_bytes`, packed in order into files of
 about `file_bytes`, and the files are spread over the ranks by size, largest first, each to the
 least loaded rank. Every rank computes the same plan from the same tensor sizes, so no message is
@@ -13,7 +14,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from dtrain.snapshot.layout import replicated_file
+from dtrain.snapshot.layout import replicated_file, shard_file
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ def plan_replicated(sizes: dict[str, int], world_size: int, file_bytes: int) -> 
     groups = _pack(_cut(sizes, file_bytes), file_bytes)
     writers = spread([sum(p.nbytes for p in g) for g in groups], world_size)
     return [PlannedFile(replicated_file(i), w, tuple(g)) for i, (g, w) in enumerate(zip(groups, writers, strict=True))]
+
+
+def plan_shards(sizes: dict[str, int], rank: int, file_bytes: int) -> list[PlannedFile]:
+    """Files of this rank's rows of sharded tensors (key -> bytes), all written by this rank."""
+    groups = _pack(_cut(sizes, file_bytes), file_bytes) if sizes else []
+    return [PlannedFile(shard_file(rank, i), rank, tuple(g)) for i, g in enumerate(groups)]
 
 
 def plan_single_file(name: str, sizes: dict[str, int], writer: int) -> PlannedFile:

@@ -5,9 +5,11 @@ replicated files are spread over the restoring ranks exactly as the writer sprea
 (`plan.spread`), each rank reads and checks its files, the ranks agree that every check passed,
 and each file is then broadcast from its reader. On one machine every rank reads every file
 itself: the page cache turns all but the first read into a memory copy, which beats a broadcast
-over loopback, and the check runs on every rank in parallel. Per-rank files (each rank's RNG) are read only by their own rank, and only when the world
-size is unchanged. A corrupt snapshot is refused whole, naming every bad file, and the caller can
-fall back to an older one.
+over loopback, and the check runs on every rank in parallel. Sharded state (FSDP) is read by the
+ranks that hold it, each only the byte ranges of its own rows (`destinations`), each range checked
+by the CRC-32C of the pieces it lies in. Per-rank files (each rank's RNG) are read only by their
+own rank, and only when the world size is unchanged. A corrupt snapshot is refused whole, naming
+every bad file, and the caller can fall back to an older one.
 
 Bytes travel once through memory: each file is read straight into the tensors its pieces belong
 to, checksummed as it arrives, and broadcast from there. Given the live state dicts (`into`), those
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +30,9 @@ import torch
 from dtrain.dist import DistContext, solo_context
 from dtrain.errors import CorruptSnapshotError
 from dtrain.snapshot import checksum, layout
-from dtrain.snapshot.aliases import make_view
 from dtrain.snapshot.catalog import read_manifest
-from dtrain.snapshot.manifest import DTYPES, FileEntry, Manifest, Piece, file_pieces
+from dtrain.snapshot.destinations import Destinations, Need
+from dtrain.snapshot.manifest import FileEntry, Manifest
 from dtrain.snapshot.plan import spread
 from dtrain.snapshot.tree import flatten, unflatten
 from dtrain.storage import Storage
@@ -73,18 +76,77 @@ def read_checked(storage: Storage, path: str, entry: FileEntry) -> torch.Tensor:
 def read_into(storage: Storage, path: str, entry: FileEntry, segments: list[torch.Tensor]) -> None:
     """Read a file straight into `segments` (uint8 tensors that tile it, in order), checking its
     size and CRC-32C against the manifest; each segment is checksummed while the next is read."""
-    crc = _Checksum()
     try:
         size = storage.size(path)
-        if size != entry.bytes:
-            raise CorruptSnapshotError(f"{path}: {size} bytes on disk, the manifest records {entry.bytes}")
-        storage.read_into(path, [memoryview(s.numpy()) for s in segments], crc.add)
+    except (OSError, EOFError) as e:
+        raise CorruptSnapshotError(f"{path}: cannot be read ({e})") from None
+    if size != entry.bytes:
+        raise CorruptSnapshotError(f"{path}: {size} bytes on disk, the manifest records {entry.bytes}")
+    _read_checked(storage, path, 0, segments, entry.crc32c)
+
+
+def _read_checked(storage: Storage, path: str, offset: int, segments: list[torch.Tensor], expected: int) -> None:
+    """Read bytes from `offset` into `segments`, their CRC-32C computed on a thread while the next arrives."""
+    crc = _Checksum()
+    try:
+        storage.read_into(path, [memoryview(s.numpy()) for s in segments], crc.add, offset=offset)
     except (OSError, EOFError) as e:
         raise CorruptSnapshotError(f"{path}: cannot be read ({e})") from None
     finally:
         value = crc.value()
-    if value != entry.crc32c:
-        raise CorruptSnapshotError(f"{path}: checksum mismatch (crc32c {value:08x}, the manifest records {entry.crc32c:08x})")
+    if value != expected:
+        where = "" if offset == 0 else f" in the {sum(s.numel() for s in segments)} bytes from byte {offset}"
+        raise CorruptSnapshotError(f"{path}: checksum mismatch{where} (crc32c {value:08x}, the manifest records {expected:08x})")
+
+
+def read_pieces(storage: Storage, path: str, entry: FileEntry, needs: list[Need]) -> None:
+    """Read only the wanted parts of a file's pieces, each piece checked by its own CRC-32C: runs of
+    adjacent whole pieces in one read, a piece wanted in part through a buffer of its size."""
+    if any(n.piece.crc32c is None for n in needs):  # a version 2 snapshot: only whole files have a checksum
+        whole = read_checked(storage, path, entry)
+        for n in needs:
+            start = n.piece.file_offset + n.lo - n.piece.tensor_offset
+            n.out.copy_(whole[start:start + n.hi - n.lo])
+        return
+    for run in _runs(needs):
+        first = run[0].piece
+        if run[0].whole:
+            _read_run(storage, path, run)
+            continue
+        buf = torch.empty(first.nbytes, dtype=torch.uint8)
+        _read_checked(storage, path, first.file_offset, [buf], first.crc32c)
+        run[0].out.copy_(buf[run[0].lo - first.tensor_offset:run[0].hi - first.tensor_offset])
+
+
+def _runs(needs: list[Need]) -> list[list[Need]]:
+    """Whole pieces adjacent in the file grouped together; each piece wanted in part alone."""
+    runs: list[list[Need]] = []
+    for n in needs:
+        last = runs[-1][-1] if runs else None
+        if last is not None and n.whole and last.whole and last.piece.file_offset + last.piece.nbytes == n.piece.file_offset:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return runs
+
+
+def _read_run(storage: Storage, path: str, run: list[Need]) -> None:
+    """Whole adjacent pieces in one read, each checked against its own CRC-32C as it arrives."""
+    expected = iter(run)
+    bad: list[str] = []
+
+    def check(data: memoryview) -> None:
+        p = next(expected).piece
+        if (got := checksum.extend(0, data)) != p.crc32c:
+            bad.append(f"{path}: checksum mismatch in the {p.nbytes} bytes from byte {p.file_offset} "
+                       f"(crc32c {got:08x}, the manifest records {p.crc32c:08x})")
+
+    try:
+        storage.read_into(path, [memoryview(n.out.numpy()) for n in run], check, offset=run[0].piece.file_offset)
+    except (OSError, EOFError) as e:
+        raise CorruptSnapshotError(f"{path}: cannot be read ({e})") from None
+    if bad:
+        raise CorruptSnapshotError(bad[0])
 
 
 class _Checksum:
@@ -107,14 +169,16 @@ class _Checksum:
 
 
 def restore(storage: Storage, step: int, ctx: DistContext | None = None,
-            into: dict[str, Any] | None = None) -> Restored:
+            into: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> Restored:
     """Read snapshot `step` on every rank of `ctx` (or alone); raises CorruptSnapshotError on any bad byte.
 
     `into` maps object names to live state dicts (`{"model": model.state_dict()}`): a saved tensor
     whose key, dtype and shape match a contiguous CPU tensor there is read straight into it, with
     no second copy in memory and no copy afterwards (`load_state_dict` of a tensor into itself is
-    free). The price: when a check fails, those tensors hold a mix of bytes, and the caller must
-    restore an older snapshot over them or not use them.
+    free). A DTensor there (FSDP) receives only its own rows, read from whichever files hold them.
+    `into` may be a function returning them, called once the manifest is read.
+    The price: when a check fails, those tensors hold a mix of bytes, and the caller must restore
+    an older snapshot over them or not use them.
 
     Example::
 
@@ -124,27 +188,30 @@ def restore(storage: Storage, step: int, ctx: DistContext | None = None,
     ctx = ctx or solo_context()
     manifest = _agreed_manifest(storage, step, ctx)
     base = layout.committed_path(step)
+    tensors = Destinations(manifest, _targets((into() if callable(into) else into) or {}))
     shared = sorted(n for n in manifest.files if not _is_per_rank_file(n))
-    # On one machine every rank reads every file: after the first reader the page cache serves it,
-    # faster than a broadcast over loopback. Across machines each reads 1/W' and broadcasts.
-    everyone_reads = ctx.is_one_host
-    readers = [ctx.rank] * len(shared) if everyone_reads else spread([manifest.files[n].bytes for n in shared], ctx.world_size)
+    # Sharded targets: each rank reads its own rows. On one machine every rank reads every file it
+    # needs: after the first reader the page cache serves it, faster than a broadcast over loopback.
+    # Across machines, replicated state is read 1/W' per rank and broadcast.
+    (sharded,) = ctx.any(tensors.sharded())
+    broadcast = not ctx.is_one_host and not sharded
+    readers = spread([manifest.files[n].bytes for n in shared], ctx.world_size) if broadcast else [ctx.rank] * len(shared)
     mine = [n for n, r in zip(shared, readers, strict=True) if r == ctx.rank]
     same_world = manifest.world_size == ctx.world_size
     own = [layout.per_rank_file(ctx.rank)] if same_world and layout.per_rank_file(ctx.rank) in manifest.files else []
-    tensors = _Destinations(manifest, _targets(into or {}))
-    held = shared if not everyone_reads else mine
+    held = shared if broadcast else mine
     problems = _fits(storage, base, manifest, mine + own, held + own, tensors)
     if not problems:
         problems = _read_files(storage, base, manifest, mine + own, tensors)
     _agree_intact(ctx, step, "files", problems)
-    if not everyone_reads:
+    if broadcast:
         for name, reader in zip(shared, readers, strict=True):
+            segments = [n.out for n in tensors.needs(name)]
             if reader == ctx.rank:
-                _send(ctx, tensors.segments(name))
+                _send(ctx, segments)
             else:
-                _receive(ctx, tensors.segments(name), src=reader)
-    made = tensors.with_views()
+                _receive(ctx, segments, src=reader)
+    made = tensors.finish()
     objects = {k: unflatten(v, made) for k, v in manifest.objects.items()}
     per_rank = {k: unflatten(v, made) for k, v in manifest.per_rank[ctx.rank].items()} if own else None
     return Restored(manifest, objects, per_rank)
@@ -156,12 +223,12 @@ def read_tensors(storage: Storage, step: int, prefix: str) -> tuple[Manifest, di
     wanted = {k: e for k, e in manifest.tensors.items() if k.startswith(prefix)}
     stored = [manifest.tensors[e.view.base] if e.view else e for e in wanted.values()]
     names = sorted({p.file for e in stored for p in e.pieces})
-    tensors = _Destinations(manifest, {})
+    tensors = Destinations(manifest, {})
     base = layout.committed_path(step)
     problems = _fits(storage, base, manifest, names, names, tensors) or _read_files(storage, base, manifest, names, tensors)
     if problems:
         raise CorruptSnapshotError("; ".join(problems))
-    return manifest, {k: t for k, t in tensors.with_views().items() if k in wanted}
+    return manifest, {k: t for k, t in tensors.finish().items() if k in wanted}
 
 
 def _is_per_rank_file(name: str) -> bool:
@@ -190,7 +257,7 @@ def _agree_intact(ctx: DistContext, step: int, phase: str, problems: list[str]) 
 
 
 def _fits(storage: Storage, base: str, manifest: Manifest, names: list[str], held: list[str],
-          tensors: _Destinations) -> list[str]:
+          tensors: Destinations) -> list[str]:
     """Problems that must stop a restore before it allocates anything: a file whose size on disk is
     not the manifest's, or more new tensor bytes than this machine has memory for."""
     problems = []
@@ -224,11 +291,15 @@ def available_memory() -> int:
 
 
 def _read_files(storage: Storage, base: str, manifest: Manifest, names: list[str],
-                tensors: _Destinations) -> list[str]:
+                tensors: Destinations) -> list[str]:
     problems = []
     for name in names:
         try:
-            read_into(storage, f"{base}/{name}", manifest.files[name], tensors.segments(name))
+            needs = tensors.needs(name)
+            if tensors.wants_whole(name, needs):
+                read_into(storage, f"{base}/{name}", manifest.files[name], [n.out for n in needs])
+            elif needs:
+                read_pieces(storage, f"{base}/{name}", manifest.files[name], needs)
         except CorruptSnapshotError as e:
             logger.warning("%s", e)
             problems.append(str(e))
@@ -272,56 +343,4 @@ def _targets(into: dict[str, Any]) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     for name, state in into.items():
         found.update(flatten(state, name)[1])
-    return {k: t for k, t in found.items() if t.device.type == "cpu" and t.is_contiguous()}
-
-
-class _Destinations:
-    """Where each file's bytes go: for every piece, a uint8 view of its tensor, in file order
-    (the manifest check guarantees that a file's pieces tile it end to end).
-
-    Tensors are made on first use: the live target of the same key, dtype and shape when there is
-    one, else a new one.
-    """
-
-    def __init__(self, manifest: Manifest, targets: dict[str, torch.Tensor]) -> None:
-        self.manifest = manifest
-        self.targets = targets
-        self.made: dict[str, torch.Tensor] = {}
-        self._index = _pieces_by_file(manifest)
-
-    def segments(self, name: str) -> list[torch.Tensor]:
-        return [self._bytes(key)[p.tensor_offset:p.tensor_offset + p.nbytes] for key, p in self._index.get(name, [])]
-
-    def bytes_to_allocate(self, names: list[str]) -> int:
-        """Bytes of the new tensors (no live target) that reading `names` would allocate."""
-        keys = {key for name in names for key, _ in self._index.get(name, [])}
-        return sum(self.manifest.tensors[k].nbytes for k in keys if k not in self.made and self._live(k) is None)
-
-    def with_views(self) -> dict[str, torch.Tensor]:
-        """Every tensor made, plus the views of them that tied or shared tensors are."""
-        made = dict(self.made)
-        for key, entry in self.manifest.tensors.items():
-            if entry.view is not None and entry.view.base in made:
-                made[key] = make_view(made[entry.view.base], DTYPES[entry.dtype], entry.shape, entry.view)
-        return made
-
-    def _live(self, key: str) -> torch.Tensor | None:
-        entry = self.manifest.tensors[key]
-        live = self.targets.get(key)
-        fits = live is not None and live.dtype == DTYPES[entry.dtype] and list(live.shape) == entry.shape
-        return live if fits else None
-
-    def _bytes(self, key: str) -> torch.Tensor:
-        if key not in self.made:
-            entry = self.manifest.tensors[key]
-            live = self._live(key)
-            self.made[key] = live if live is not None else torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
-        return self.made[key].reshape(-1).view(torch.uint8)
-
-
-def _pieces_by_file(manifest: Manifest) -> dict[str, list[tuple[str, Piece]]]:
-    """Each file's (tensor key, piece) pairs in file order."""
-    index: dict[str, list[tuple[str, Piece]]] = {}
-    for key, p in sorted(file_pieces(manifest), key=lambda kp: (kp[1].file_offset, kp[1].nbytes)):
-        index.setdefault(p.file, []).append((key, p))
-    return index
+    return found

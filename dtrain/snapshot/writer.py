@@ -4,12 +4,13 @@ A save has five phases. Only the first blocks training.
 
 1. Stage (training thread, every rank). The state dicts are split into JSON skeletons and
    tensors (`tree`); tensors that share bytes are stored once (`aliases`); the replicated tensors
-   are planned into files spread over the ranks (`plan`); each rank copies the bytes of *its*
+   are planned into files spread over the ranks (`plan`), and each rank's rows of the sharded
+   ones (FSDP's DTensors, `shards`) into files of its own; each rank copies the bytes of *its*
    files, plus its own per-rank state, into reused host buffers (or, with fork staging, a child
    process keeps a copy-on-write image of them). Training may change the parameters as soon as
    this returns.
-2. Write (background thread, every rank). Each file goes into the save's dir, its CRC-32C
-   computed on the way, and is made durable. The storage says where (`Storage.save_dir`):
+2. Write (background thread, every rank). Each file goes into the save's dir, the CRC-32C of
+   each of its pieces computed on the way (the file's is their combination), and is made durable. The storage says where (`Storage.save_dir`):
    `snapshots/.pending/step_N.<nonce>/` where it can rename directories, `snapshots/step_N/`
    itself on an object store, where the manifest alone commits.
 3. Report. Each rank puts a `ShardReport` under a store key: its files' sizes and CRCs and its
@@ -38,6 +39,7 @@ one is complete and durable. `latest` is a hint updated after the commit; resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -54,9 +56,10 @@ from dtrain.dist import DistContext
 from dtrain.errors import SnapshotError
 from dtrain.snapshot import checksum, layout
 from dtrain.snapshot.aliases import split_shared
-from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, View, dtype_name
+from dtrain.snapshot.manifest import FileEntry, Manifest, Piece, TensorEntry, View, contiguous_strides, dtype_name
 from dtrain.snapshot.messages import Outcome, ShardReport, SnapshotMeta
-from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_single_file
+from dtrain.snapshot.plan import PlannedFile, plan_replicated, plan_shards, plan_single_file
+from dtrain.snapshot.shards import LocalRows, is_sharded, local_rows, same_rows
 from dtrain.snapshot.staging import ForkedWriter, PageReleaser, StagingBuffers, byte_view, can_fork
 from dtrain.snapshot.tree import as_bytes, flatten
 from dtrain.storage import CommitConflictError, Storage
@@ -88,6 +91,8 @@ class StagedSnapshot:
     files: list[tuple[PlannedFile, list[memoryview]]]
     per_rank: dict[str, Any]
     per_rank_tensors: dict[str, TensorEntry]
+    sharded_tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    """Every sharded tensor, with the pieces of this rank's rows (each rank reports its own)."""
     nbytes: int = 0
     unowned: list[memoryview] | None = None
     """Fork staging: views of the pieces other ranks write, which the child gives up at once."""
@@ -197,15 +202,20 @@ class SnapshotWriter:
         for name, state in replicated.items():
             objects[name], tensors = flatten(state, name)
             found.update(tensors)
-        shared = split_shared(found)
+        rows = {k: local_rows(k, t) for k, t in found.items() if is_sharded(t)}
+        tied = _tied(rows)
+        shared = split_shared({k: t for k, t in found.items() if k not in rows})
         plan = plan_replicated({k: _nbytes(t) for k, t in shared.stored.items()}, world, self.file_bytes)
+        own_rows = {k: r.local for k, r in rows.items() if k not in tied and r.writes}
+        shard_plan = plan_shards({k: _nbytes(t) for k, t in own_rows.items()}, rank, self.file_bytes)
         by_reference = self.staging == "fork"
-        if by_reference and not can_fork(shared.stored):
+        if by_reference and not can_fork({**shared.stored, **own_rows}):
             raise SnapshotError("snapshot.staging = 'fork' needs Linux and host tensors (a forked child cannot "
                                 "read GPU memory); use copy or auto")
-        tensors = _fork_safe(shared.stored) if by_reference else shared.stored
+        tensors = _fork_safe({**shared.stored, **own_rows}) if by_reference else {**shared.stored, **own_rows}
         hold = _piece_views if by_reference else self._copy_file
         files = [(f, hold(f, tensors)) for f in plan if f.writer == rank]
+        files += [(f, hold(f, tensors)) for f in shard_plan]
         per_rank_skeletons, per_rank_found = flatten(per_rank, layout.per_rank_prefix(rank))
         per_rank_shared = split_shared(per_rank_found)
         per_rank_file = plan_single_file(layout.per_rank_file(rank), {k: _nbytes(t) for k, t in per_rank_shared.stored.items()}, rank)
@@ -216,6 +226,7 @@ class SnapshotWriter:
             step=step, save_dir=self.storage.save_dir(layout.pending_path(step, self.ctx.nonce), layout.committed_path(step)),
             deadline=time.monotonic() + self.timeout,
             files=files, per_rank=per_rank_skeletons, per_rank_tensors=_entries([per_rank_file], per_rank_shared.stored, per_rank_shared.views),
+            sharded_tensors=_sharded_entries(shard_plan, rows, tied),
             nbytes=sum(p.nbytes for f, _ in files for p in f.pieces),
             unowned=[v for f in plan if f.writer != rank for v in _piece_views(f, tensors)] if by_reference else None,
         )
@@ -234,7 +245,8 @@ class SnapshotWriter:
             src = views.setdefault(p.key, as_bytes(tensors[p.key]))
             buf[p.file_offset:p.file_offset + p.nbytes].copy_(src[p.tensor_offset:p.tensor_offset + p.nbytes],
                                                               non_blocking=pin)
-        return [memoryview(buf.numpy())]
+        whole = memoryview(buf.numpy())
+        return [whole[p.file_offset:p.file_offset + p.nbytes] for p in planned.pieces]
 
     def _write_in_child(self, staged: StagedSnapshot, wrote: Callable[[int], None]) -> dict[str, Any]:
         pages = PageReleaser([v for _, chunks in staged.files for v in chunks])
@@ -256,7 +268,8 @@ class SnapshotWriter:
             written = {"files": {}, "error": f"rank {self.ctx.rank}: {e}"}
         staged.files = []  # release the staging buffers before waiting on other ranks
         report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written["files"].items()},
-                             written["error"], staged.per_rank, staged.per_rank_tensors)
+                             written["error"], staged.per_rank, staged.per_rank_tensors, staged.sharded_tensors,
+                             written["pieces"])
         if report.error:
             logger.warning("could not write the shard of step %d: %s", staged.step, report.error)
         store = self.ctx.save_store
@@ -276,25 +289,31 @@ class SnapshotWriter:
         return result
 
     def _write_files(self, staged: StagedSnapshot, done: Callable[[memoryview], None] | None = None) -> dict[str, Any]:
-        written: dict[str, Any] = {"files": {}, "error": None}
+        written: dict[str, Any] = {"files": {}, "pieces": {}, "error": None}
         try:
             self.storage.makedirs(staged.save_dir)
             for planned, chunks in staged.files:
-                written["files"][planned.name] = self._write_file(f"{staged.save_dir}/{planned.name}", chunks, done)
+                entry, crcs = self._write_file(f"{staged.save_dir}/{planned.name}", chunks, done)
+                written["files"][planned.name] = entry
+                written["pieces"][planned.name] = [[p.file_offset, p.nbytes, c] for p, c in zip(planned.pieces, crcs, strict=True)]
         except Exception as e:  # no logging here: this may run in a forked child
             written["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
         return written
 
     def _write_file(self, path: str, chunks: list[memoryview],
-                    done: Callable[[memoryview], None] | None) -> dict[str, int]:
-        crc, size = 0, 0
+                    done: Callable[[memoryview], None] | None) -> tuple[dict[str, int], list[int]]:
+        """Write one file, its pieces (`chunks`) in order; its entry and each piece's CRC-32C."""
+        crc, size, crcs = 0, 0, []
         handle = self.storage.open_write(path)
         try:
             for chunk in chunks:
+                piece_crc = 0
                 for start in range(0, len(chunk), checksum.BLOCK):  # checksum each block while it is in cache
                     block = chunk[start:start + checksum.BLOCK]
-                    crc = checksum.extend(crc, block)
+                    piece_crc = checksum.extend(piece_crc, block)
                     handle.write(block)
+                crcs.append(piece_crc)
+                crc = checksum.combine(crc, piece_crc, len(chunk))
                 size += len(chunk)
                 if done is not None:
                     done(chunk)
@@ -302,7 +321,7 @@ class SnapshotWriter:
         except BaseException:
             handle.abort()
             raise
-        return {"bytes": size, "crc32c": crc, "writer": self.ctx.rank}
+        return {"bytes": size, "crc32c": crc, "writer": self.ctx.rank}, crcs
 
     def _commit(self, staged: StagedSnapshot) -> Outcome:
         final = layout.committed_path(staged.step)
@@ -352,11 +371,14 @@ class SnapshotWriter:
         return reports
 
     def _manifest(self, staged: StagedSnapshot, reports: list[ShardReport]) -> Manifest:
-        tensors = dict(staged.replicated_tensors)
+        tensors = {**staged.replicated_tensors, **_merge_sharded([r.sharded_tensors for r in reports])}
         files: dict[str, FileEntry] = {}
+        crcs: dict[tuple[str, int, int], int] = {}
         for r in reports:
             files.update(r.files)
             tensors.update(r.per_rank_tensors)
+            crcs.update({(name, offset, n): c for name, pieces in r.piece_crcs.items() for offset, n, c in pieces})
+        tensors = {k: _with_crcs(t, crcs) for k, t in tensors.items()}
         return Manifest(
             step=staged.step, world_size=self.ctx.world_size, created_unix=time.time(),
             progress=staged.meta.progress, metrics=staged.meta.metrics,
@@ -420,6 +442,49 @@ def _entries(plan: list[PlannedFile], stored: dict[str, torch.Tensor],
             entries[p.key].pieces.append(Piece(planned.name, p.file_offset, p.tensor_offset, p.nbytes))
     entries.update({k: TensorEntry(dtype_name(t.dtype), list(t.shape), [], view) for k, (t, view) in views.items()})
     return entries
+
+
+def _tied(rows: dict[str, LocalRows]) -> dict[str, str]:
+    """Sharded keys that are another key's tensor (a tied parameter), each to the key stored for it."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for key, r in rows.items():
+        for other in first.values():
+            if same_rows(rows[other], r):
+                tied[key] = other
+                break
+        else:
+            first[(r.local.untyped_storage().data_ptr(), r.local.storage_offset(), key)] = key
+    return tied
+
+
+def _sharded_entries(plan: list[PlannedFile], rows: dict[str, LocalRows], tied: dict[str, str]) -> dict[str, TensorEntry]:
+    """Every sharded tensor's entry: its whole shape, and the pieces of the rows this rank writes,
+    at their offsets in the whole tensor; a tied key is an alias of the key stored for it."""
+    entries = {k: TensorEntry(dtype_name(r.local.dtype), r.shape, []) for k, r in rows.items() if k not in tied}
+    for planned in plan:
+        for p in planned.pieces:
+            at = rows[p.key].byte_offset + p.tensor_offset
+            entries[p.key].pieces.append(Piece(planned.name, p.file_offset, at, p.nbytes))
+    for key, base in tied.items():
+        r = rows[key]
+        entries[key] = TensorEntry(dtype_name(r.local.dtype), r.shape, [], View(base, 0, contiguous_strides(r.shape)))
+    return entries
+
+
+def _merge_sharded(reported: list[dict[str, TensorEntry]]) -> dict[str, TensorEntry]:
+    """The sharded tensors' entries with every rank's pieces, in the order of the bytes they hold."""
+    merged = {}
+    for key, entry in reported[0].items():
+        pieces = [p for entries in reported for p in entries.get(key, TensorEntry("", [], [])).pieces]
+        merged[key] = TensorEntry(entry.dtype, entry.shape, sorted(pieces, key=lambda p: (p.tensor_offset, p.nbytes)),
+                                  entry.view)
+    return merged
+
+
+def _with_crcs(entry: TensorEntry, crcs: dict[tuple[str, int, int], int]) -> TensorEntry:
+    pieces = [dataclasses.replace(p, crc32c=crcs[(p.file, p.file_offset, p.nbytes)]) for p in entry.pieces]
+    return dataclasses.replace(entry, pieces=pieces)
 
 
 def _until(deadline: float) -> timedelta:

@@ -90,8 +90,9 @@ class Storage(Protocol):
 
     # -- reading -------------------------------------------------------------------------------
 
-    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
-        """Fill each of `outs` in turn with the next bytes of `path`, from its start; `on_read(out)`
+    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None,
+                  offset: int = 0) -> None:
+        """Fill each of `outs` in turn with the next bytes of `path`, from byte `offset`; `on_read(out)`
         after each is filled, in order. Raise `EOFError` if the file is shorter, `OSError` if it is
         not a regular file inside the run dir."""
         ...

@@ -221,13 +221,14 @@ class LocalStorage:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
+    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None,
+                  offset: int = 0) -> None:
         with open(self._open_regular(path), "rb", buffering=0) as f:
-            wanted, size = sum(out.nbytes for out in outs), os.fstat(f.fileno()).st_size
+            wanted, size = offset + sum(out.nbytes for out in outs), os.fstat(f.fileno()).st_size
             if size < wanted:
                 raise EOFError(f"{self.path(path)} is {size} bytes, expected at least {wanted}")
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
-            offset = 0
+            f.seek(offset)
             for out in outs:
                 out = out.cast("B")
                 filled = 0

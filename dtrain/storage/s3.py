@@ -144,14 +144,15 @@ class S3Storage:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None) -> None:
+    def read_into(self, path: str, outs: list[memoryview], on_read: Callable[[memoryview], None] | None = None,
+                  offset: int = 0) -> None:
         """Parallel ranged GETs, each straight into the part of `outs` it covers; `on_read` in order."""
         outs = [o.cast("B") for o in outs]
-        wanted, size = sum(len(o) for o in outs), self.size(path)
+        wanted, size = offset + sum(len(o) for o in outs), self.size(path)
         if size < wanted:
             raise EOFError(f"{self.describe(path)} is {size} bytes, expected at least {wanted}")
-        target = _Scatter(outs, on_read)
-        ranges = [(start, min(wanted, start + self.part_bytes)) for start in range(0, wanted, self.part_bytes)]
+        target = _Scatter(outs, on_read, offset)
+        ranges = [(start, min(wanted, start + self.part_bytes)) for start in range(offset, wanted, self.part_bytes)]
         if len(ranges) <= 1:
             for start, end in ranges:
                 self._read_range(path, start, end, target)
@@ -340,12 +341,12 @@ class S3WriteHandle:
 
 
 class _Scatter:
-    """Bytes arriving at file offsets, in any order, copied into `outs` (which tile the file);
-    `on_read(out)` is called for each out once it is full, in file order."""
+    """Bytes arriving at file offsets, in any order, copied into `outs` (which tile the file from
+    byte `start`); `on_read(out)` is called for each out once it is full, in file order."""
 
-    def __init__(self, outs: list[memoryview], on_read: Callable[[memoryview], None] | None) -> None:
+    def __init__(self, outs: list[memoryview], on_read: Callable[[memoryview], None] | None, start: int = 0) -> None:
         self._outs = outs
-        self._starts = [0]
+        self._starts = [start]
         for o in outs:
             self._starts.append(self._starts[-1] + len(o))
         self._missing = [len(o) for o in outs]
