@@ -33,6 +33,7 @@ soak: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.fsdp
 
 CHAOS_ARGS ?=
 

@@ -10,9 +10,10 @@
 - `restore` runs after the page cache was dropped and loads the snapshot of `step` into
   `state.module` and `state.optimizer` in place.
 
-dtrain is used as a training job uses it: one `SnapshotWriter` per run dir (at most one save in
+dtrain is used as a training job uses it: one `SnapshotWriter` per process (at most one save in
 flight, the next save waits for the previous), default staging (`auto`: copy into host
-buffers reused from one save to the next), the replicated model and optimizer spread over the ranks, and the commit protocol in full
+buffers reused from one save to the next, so every save but a process's first is a job's steady
+state; each repetition's run dir is new, the writer and its buffers are not), the replicated model and optimizer spread over the ranks, and the commit protocol in full
 (store barrier, manifest, rename, `latest`). `world_size` lets the resharding case save or restore
 with one process of a larger group, as a job restarted on fewer processes would.
 """
@@ -29,7 +30,7 @@ from dtrain.snapshot import reader
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage.local import LocalStorage
 
-_writers: dict[tuple[Path, int], SnapshotWriter] = {}
+_writers: dict[int, SnapshotWriter] = {}
 
 
 @cache
@@ -47,11 +48,13 @@ def _context(state: BenchState, world_size: int | None) -> DistContext:
 
 
 def _writer(run_dir: Path, ctx: DistContext) -> SnapshotWriter:
-    key = (run_dir, ctx.world_size)
-    if key not in _writers:
-        _writers.clear()  # a new run dir: the previous one's saves were all waited for
-        _writers[key] = SnapshotWriter(LocalStorage(run_dir), ctx)
-    return _writers[key]
+    """This process's writer for `ctx`'s world size, pointed at `run_dir` (every earlier save was waited for)."""
+    if ctx.world_size not in _writers:
+        _writers[ctx.world_size] = SnapshotWriter(LocalStorage(run_dir), ctx)
+    writer = _writers[ctx.world_size]
+    if writer.storage.root != run_dir:
+        writer.storage = LocalStorage(run_dir)
+    return writer
 
 
 def save(state: BenchState, run_dir: Path, step: int, world_size: int | None = None) -> Callable[[], None]:

@@ -24,16 +24,21 @@ from bench import worker
 logger = logging.getLogger("bench")
 
 _POLL_S = 1.0
+ALL_CORES = "all"
+SPARE_CORE = "spare"
+SCENARIOS = (ALL_CORES, SPARE_CORE)
 
 
 @dataclass(frozen=True)
 class Settings:
     state_bytes: int
     reps: int
+    windows: int  # timed throughput windows per variant and scenario, interleaved round by round
     intervals: int  # snapshot intervals per timed throughput window
     every: int  # steps between snapshots; 0: auto, from dtrain's write time and `write_share`
     write_share: float
     train_methods: list[str]  # variants of the throughput case, "none" first
+    scenarios: list[str]  # training scenarios: ALL_CORES, SPARE_CORE
     threads: int  # torch threads per rank; 0: cores / world size
     cache_mode: str  # "drop_caches" or "fadvise"
     case_timeout_s: float  # a case that writes nothing for this long is killed as hung
@@ -51,7 +56,7 @@ def run_cases(cases: list[str], world_size: int, settings: Settings, work_dir: P
         log_dir = work_dir / f"log-{attempt}"
         log_dir.mkdir(parents=True)
         failure = _launch(remaining, world_size, settings, work_dir, log_dir)
-        events = [_read_events(log_dir / f"rank-{r}.jsonl") for r in range(world_size)]
+        events = [read_events(log_dir / f"rank-{r}.jsonl") for r in range(world_size)]
         info = info or _state_info(events)
         done = _completed(remaining, events)
         results.update(done)
@@ -59,7 +64,7 @@ def run_cases(cases: list[str], world_size: int, settings: Settings, work_dir: P
         if failure is None or not remaining:
             break
         broken, remaining = remaining[0], remaining[1:]
-        results[broken] = {"status": "failed", "note": _failure_note(failure, events)}
+        results[broken] = {"status": "failed", "note": failure_note(failure, events)}
         logger.warning("%s on %d ranks failed: %s", broken, world_size, results[broken]["note"])
         if not info:  # the state itself could not be built: nothing else can run
             for case in remaining:
@@ -71,19 +76,31 @@ def run_cases(cases: list[str], world_size: int, settings: Settings, work_dir: P
 
 def _launch(cases: list[str], world_size: int, settings: Settings, work_dir: Path,
             log_dir: Path) -> str | None:
-    spec = {**asdict(settings), "cases": cases, "world_size": world_size, "port": _free_port(),
-            "threads": threads_per_rank(settings, world_size), "case_dir": str(work_dir),
+    spec = {**asdict(settings), "cases": cases, "world_size": world_size, "port": free_port(),
+            "threads": threads_per_rank(settings, world_size),
+            "scenario_threads": scenario_threads(settings, world_size), "case_dir": str(work_dir),
             "log_dir": str(log_dir)}
     ctx = mp.start_processes(worker.main, args=(spec,), nprocs=world_size, join=False,
                              start_method="spawn")
-    return _watch(ctx, log_dir, settings.case_timeout_s)
+    return watch(ctx, log_dir, settings.case_timeout_s)
 
 
 def threads_per_rank(settings: Settings, world_size: int) -> int:
     return settings.threads or max(1, (os.cpu_count() or 1) // world_size)
 
 
-def _watch(ctx: mp.ProcessContext, log_dir: Path, timeout_s: float) -> str | None:
+def scenario_threads(settings: Settings, world_size: int) -> dict[str, int | None]:
+    """Torch threads per rank while training is timed, per scenario: every core (`--threads`, or
+    cores / ranks), or one core left free for the writer (cores - 1 over the ranks; None where the
+    ranks need every core)."""
+    cores = os.cpu_count() or 1
+    spare = max(1, (cores - 1) // world_size)
+    threads = {ALL_CORES: threads_per_rank(settings, world_size),
+               SPARE_CORE: spare if spare * world_size < cores else None}
+    return {name: threads[name] for name in settings.scenarios}
+
+
+def watch(ctx: mp.ProcessContext, log_dir: Path, timeout_s: float) -> str | None:
     """None when every rank exited cleanly; otherwise why not."""
     progress, last_change = -1, time.monotonic()
     while True:
@@ -114,7 +131,7 @@ def _state_info(events: list[list[dict[str, Any]]]) -> dict[str, Any]:
     return {k: found[0][k] for k in ("nbytes", "width", "build_s")} if found else {}
 
 
-def _failure_note(failure: str, events: list[list[dict[str, Any]]]) -> str:
+def failure_note(failure: str, events: list[list[dict[str, Any]]]) -> str:
     errors = []
     for rank, rank_events in enumerate(events):
         for e in rank_events:
@@ -124,14 +141,14 @@ def _failure_note(failure: str, events: list[list[dict[str, Any]]]) -> str:
     return "; ".join(errors) if errors else failure
 
 
-def _read_events(path: Path) -> list[dict[str, Any]]:
+def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

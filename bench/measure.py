@@ -1,5 +1,5 @@
-"""What one rank measures: a method's repetitions (stall, total, extra RSS, restore) and training
-throughput with a snapshot every N steps.
+"""What one rank measures: a method's repetitions (stall, total, extra RSS, restore), dtrain's
+restore at another world size, and the tools they share with `bench/throughput.py`.
 
 Each repetition writes to a fresh run dir and deletes it afterwards. Ranks start every timed phase
 together (a barrier), and time it on their own clock; `bench/report.py` takes the slowest rank.
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import math
 import os
 import shutil
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -21,16 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.methods import Method, Wait
-from bench.state import BenchState, mutate, state_tensors, train_steps
+from bench.methods import Method
+from bench.state import BenchState, mutate, state_tensors
 
 MB = 1 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _RSS_INTERVAL_S = 0.005
-# While training is timed, sample rarely: reading a forked writer's smaps_rollup walks its page
-# tables, and every 5 ms that would take CPU from the training it measures. A copy-on-write peak
-# lasts as long as a write, seconds, so 0.1 s still finds it.
-_TRAINING_RSS_INTERVAL_S = 0.1
 _KEPT_ELEMENTS = 1024  # `mutate` changes this many elements at the head and at the tail
 _SAMPLE_STRIDE = 4099  # prime, so that samples do not line up with rows
 
@@ -87,6 +81,9 @@ def _private_bytes(pid: int) -> int:
 class RssSampler:
     """The peak memory (`memory_bytes`) while the `with` block runs, sampled by a thread (every 5 ms).
 
+    `cpu_s` is the CPU time the sampling thread itself took, so that a caller counting the
+    process's CPU can leave the harness's share out.
+
     Example:
         with RssSampler() as rss:
             work()
@@ -96,6 +93,7 @@ class RssSampler:
     def __init__(self, interval_s: float = _RSS_INTERVAL_S) -> None:
         self.interval_s = interval_s
         self.peak = 0
+        self.cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -110,8 +108,10 @@ class RssSampler:
         self.peak = max(self.peak, memory_bytes())
 
     def _run(self) -> None:
+        started = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self.peak = max(self.peak, memory_bytes())
+        self.cpu_s = time.thread_time() - started
 
 
 def barrier() -> None:
@@ -214,13 +214,13 @@ def measure_method(method: Method, state: BenchState, case_dir: Path, reps: int,
     out: list[dict[str, Any]] = []
     for i in range(reps):
         trim_heap()
-        run_dir = _fresh_run_dir(case_dir / f"{method.name}-rep{i}", state)
+        run_dir = fresh_run_dir(case_dir / f"{method.name}-rep{i}", state)
         out.append(_measure_save(method, state, run_dir, baseline))
         if method.restore is not None:
             out[-1].update(_measure_restore(method, state, run_dir, cache_mode, baseline, pristine))
         if not out[-1].get("verified"):
             pristine.reset(state)
-        _remove_run_dir(run_dir, state)
+        remove_run_dir(run_dir, state)
     return {"baseline_rss_mb": baseline / MB, "reps": out}
 
 
@@ -260,110 +260,18 @@ def _measure_restore(method: Method, state: BenchState, run_dir: Path, cache_mod
             "verified": pristine.is_intact(state)}
 
 
-def _fresh_run_dir(run_dir: Path, state: BenchState) -> Path:
+def fresh_run_dir(run_dir: Path, state: BenchState) -> Path:
     if state.rank == 0:
         run_dir.mkdir(parents=True)
     barrier()
     return run_dir
 
 
-def _remove_run_dir(run_dir: Path, state: BenchState) -> None:
+def remove_run_dir(run_dir: Path, state: BenchState) -> None:
     barrier()
     if state.rank == 0:
         shutil.rmtree(run_dir)
     barrier()
-
-
-class EveryNSteps:
-    """The snapshot hook of the throughput run: a save before step 1 and after every `every`-th
-    step that leaves `every` steps after it, so a window of k x `every` steps holds exactly k
-    snapshots; the previous one is waited for before the next, and the last at the end."""
-
-    def __init__(self, method: Method, state: BenchState, run_dir: Path, every: int, steps: int) -> None:
-        self.method, self.state, self.run_dir = method, state, run_dir
-        self.every, self.steps = every, steps
-        self.saves = 0
-        self._pending: Wait | None = None
-
-    def on_step(self, step: int) -> None:
-        if step % self.every == 0 and step + self.every <= self.steps:  # step 0: before the first
-            self.finish()
-            self._pending = self.method.save(self.state, self.run_dir, step)
-            self.saves += 1
-
-    def finish(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending()
-
-
-def measure_throughput(methods: list[Method | None], state: BenchState, case_dir: Path, reps: int,
-                       steps: int, every: int) -> dict[str, Any]:
-    """Steps per second of `steps` training steps with each method every `every` steps (None: no
-    snapshots). Repetitions are interleaved across methods, so a change in the machine's load
-    during the run shifts all of them alike."""
-    out: dict[str, dict[str, Any]] = {_name(m): {"status": "ok", "steps_per_s": [], "peak_mem_mb": []}
-                                      for m in methods}
-    for i in range(reps):
-        for method in methods:
-            row = out[_name(method)]
-            if row["status"] != "ok":
-                continue
-            try:
-                rate, saves, peak = _timed_training(method, state, case_dir / f"train-{_name(method)}-rep{i}",
-                                              steps, every)
-            except NotImplementedError as e:
-                out[_name(method)] = {"status": "skipped", "note": str(e)}
-                continue
-            row["steps_per_s"].append(rate)
-            row["peak_mem_mb"].append(peak / MB)
-            row["snapshots_per_rep"] = saves
-    return {"variants": out}
-
-
-def _timed_training(method: Method | None, state: BenchState, run_dir: Path, steps: int,
-                    every: int) -> tuple[float, int, int]:
-    """(steps per second, snapshots taken, peak memory in bytes) of one timed window."""
-    run_dir = _fresh_run_dir(run_dir, state)
-    try:
-        train_steps(state, 1)  # warm-up, untimed
-        gc.collect()
-        trim_heap()
-        with RssSampler(_TRAINING_RSS_INTERVAL_S) as memory:
-            if method is None:
-                rate, saves = train_steps(state, steps), 0
-            else:
-                hook = EveryNSteps(method, state, run_dir, every, steps)
-                rate, saves = train_steps(state, steps, hook.on_step, hook.finish), hook.saves
-        return rate, saves, memory.peak
-    finally:
-        _remove_run_dir(run_dir, state)
-
-
-_PROBE_STEPS = 3
-
-
-def choose_interval(state: BenchState, every: int, write_share: float,
-                    dtrain_save: dict[str, Any] | None) -> dict[str, Any]:
-    """The throughput run's steps between snapshots: `every`, or (0, auto) the number in which
-    dtrain's write takes `write_share` of the interval, from the median total of its save case in
-    this launch and a timed training step. Every rank takes the slowest rank's figures."""
-    train_steps(state, 1)  # warm-up, untimed
-    step_s = 1 / train_steps(state, _PROBE_STEPS)
-    if every:
-        return {"every": every, "step_s": _slowest(step_s)}
-    if dtrain_save is None or dtrain_save.get("status") != "ok":
-        raise RuntimeError("--every auto needs dtrain's save case to have run first in this launch")
-    write_s = _slowest(statistics.median(rep["total_s"] for rep in dtrain_save["reps"]))
-    step_s = _slowest(step_s)
-    return {"every": max(1, math.ceil(write_s / (write_share * step_s))), "write_s": write_s, "step_s": step_s}
-
-
-def _slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def measure_reshard(state: BenchState, case_dir: Path, reps: int, cache_mode: str,
@@ -374,9 +282,9 @@ def measure_reshard(state: BenchState, case_dir: Path, reps: int, cache_mode: st
     out: dict[str, list[dict[str, Any]]] = {"to_one": [], "from_one": []}
     for i in range(reps):
         for way in out:
-            run_dir = _fresh_run_dir(case_dir / f"reshard-{way}-rep{i}", state)
+            run_dir = fresh_run_dir(case_dir / f"reshard-{way}-rep{i}", state)
             out[way].append(_reshard_once(state, run_dir, way == "from_one", cache_mode, pristine))
-            _remove_run_dir(run_dir, state)
+            remove_run_dir(run_dir, state)
     return out
 
 
@@ -403,7 +311,3 @@ def _reshard_once(state: BenchState, run_dir: Path, from_one: bool, cache_mode: 
     if not out["verified"]:
         pristine.reset(state)
     return out
-
-
-def _name(method: Method | None) -> str:
-    return method.name if method is not None else "none"

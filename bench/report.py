@@ -13,9 +13,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.launch import ALL_CORES, SPARE_CORE
 from bench.methods import METHODS
 
 MB = 1 << 20
+NO_SNAPSHOTS = "none"
 _SAVE_FIELDS = ("stall_s", "total_s", "fsync_s", "extra_rss_mb", "restore_s", "restore_extra_rss_mb")
 
 RATIO_DEFINITIONS = {
@@ -27,6 +29,19 @@ RATIO_DEFINITIONS = {
                        "size on one rank (1.0 = one full extra copy); the worse of the save case and training",
     "restore_resharded_ratio_vs_raw_read": "restore_s of a snapshot saved at another world size / restore_s "
                                            "of raw_io at the restoring world size (the worse of both ways)",
+}
+
+# dtrain against the other methods in training and against dcp.load; also at the top of results.json
+TRAINING_RATIO_DEFINITIONS = {
+    "cost_per_save_ratio_vs_torch_save": "dtrain's cost per save / torch.save+fsync's stall, both from the "
+                                         "all-cores training table (a synchronous save's cost is its stall)",
+    "spare_core_cost_per_save_ratio_vs_torch_save": "the same, from the spare-core training table",
+    "throughput_ratio_vs_dcp_async_save": "dtrain's steps/s with snapshots / dcp.async_save's, all cores",
+    "spare_core_throughput_ratio_vs_dcp_async_save": "the same, with a core left free",
+    "spare_core_throughput_ratio_with_snapshots": "dtrain's steps/s with snapshots / steps/s with none, "
+                                                  "with a core left free",
+    "restore_ratio_vs_dcp_load": "dtrain's restore_s / dcp.load's (the median over every restore of "
+                                 "dcp_save and dcp_async_save at the same world size)",
 }
 
 
@@ -66,29 +81,90 @@ def _restore_note(per_rank: list[dict[str, Any]]) -> str:
     return "; ".join(sorted(notes))
 
 
-def train_rows(names: list[str], ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant of the throughput case; a failed case fails every variant."""
-    return [_train_row(name, ranks, outcome) for name in names]
+def train_rows(names: list[str], scenarios: list[str], ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per scenario and variant of the throughput case; a failed case fails every row."""
+    return [row for scenario in scenarios for row in _scenario_rows(names, scenario, ranks, outcome)]
 
 
-def _train_row(name: str, ranks: int, outcome: dict[str, Any]) -> dict[str, Any]:
-    first = outcome.get("per_rank", [{}])[0]
-    every, steps = first.get("every"), first.get("steps")
-    label = "no snapshots" if name == "none" else f"{METHODS[name].label} every {every} steps"
-    row: dict[str, Any] = {"method": name, "label": label, "ranks": ranks, "every": every, "steps": steps,
-                           "write_s": first.get("write_s"), "step_s": first.get("step_s")}
+def _scenario_rows(names: list[str], scenario: str, ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    per_rank = outcome.get("per_rank", [])
+    plan = per_rank[0].get("scenarios", {}).get(scenario, {}) if per_rank else {}
+    every, steps = plan.get("every"), plan.get("steps")
+    base = {"scenario": scenario, "ranks": ranks, "threads_per_rank": plan.get("threads"), "every": every,
+            "steps": steps, "write_s": plan.get("write_s"), "step_s": plan.get("step_s")}
+    rows, windows = [], {}
+    for name in names:
+        label = "no snapshots" if name == NO_SNAPSHOTS else METHODS[name].label
+        label += f" every {every} steps" if every and name != NO_SNAPSHOTS else ""
+        row = {"method": name, "label": label, **base}
+        problem = _train_problem(outcome, scenario, name)
+        if problem is not None:
+            rows.append({**row, **problem})
+            continue
+        windows[name] = _merge_windows([r["scenarios"][scenario]["variants"][name]["windows"] for r in per_rank])
+        rows.append({**row, "status": "ok", **_window_figures(windows[name], steps),
+                     "warnings": sorted({w for r in per_rank for w in r.get("warnings", []) if w})})
+    _add_costs(rows, windows)
+    return rows
+
+
+def _train_problem(outcome: dict[str, Any], scenario: str, name: str) -> dict[str, Any] | None:
+    """Why a row has no figures (the case, its scenario or the method failed or was skipped), or None."""
     if "per_rank" not in outcome:
-        return {**row, **outcome}
-    per_rank = [r["variants"][name] if r["status"] == "ok" else r for r in outcome["per_rank"]]
-    skipped = [r for r in per_rank if r["status"] != "ok"]
-    if skipped:
-        return {**row, "status": skipped[0]["status"], "note": skipped[0].get("note", "")}
-    reps = [min(r["steps_per_s"][i] for r in per_rank) for i in range(len(per_rank[0]["steps_per_s"]))]
-    peaks = [max(r["peak_mem_mb"][i] for r in per_rank) for i in range(len(per_rank[0]["peak_mem_mb"]))]
-    return {**row, "status": "ok", "steps_per_s": _median(reps), "reps": reps,
-            "peak_mem_mb": _median(peaks), "peak_mem_mb_reps": peaks,
-            "snapshots_per_rep": per_rank[0]["snapshots_per_rep"],
-            "warnings": sorted({w for r in outcome["per_rank"] for w in r.get("warnings", []) if w})}
+        return {"status": outcome.get("status", "failed"), "note": outcome.get("note", "")}
+    for r in outcome["per_rank"]:
+        plan = r.get("scenarios", {}).get(scenario, {})
+        for part in (r, plan, plan.get("variants", {}).get(name, {})):
+            if part.get("status") != "ok":
+                return {"status": part.get("status") or "missing", "note": part.get("note", "")}
+    return None
+
+
+def _merge_windows(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per window: the slowest rank's seconds and stall (the next DDP step waits for it), the largest
+    rank's memory, and the CPU seconds and page faults of all ranks together (what the machine spent)."""
+    out = []
+    for ranks in zip(*per_rank, strict=True):
+        stalls = [w["stall_s"] for w in ranks if w["stall_s"] is not None]
+        out.append({"seconds": max(w["seconds"] for w in ranks), "saves": ranks[0]["saves"],
+                    "stall_s": max(stalls) if stalls else None, "cpu_s": sum(w["cpu_s"] for w in ranks),
+                    "minor_faults": sum(w["minor_faults"] for w in ranks),
+                    "peak_mem_mb": max(w["peak_mem_mb"] for w in ranks)})
+    return out
+
+
+def _window_figures(windows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    rates = [steps / w["seconds"] for w in windows]
+    peaks = [w["peak_mem_mb"] for w in windows]
+    stalls = [w["stall_s"] for w in windows]
+    return {"steps_per_s": _median(rates), "steps_per_s_spread": _spread(rates), "steps_per_s_windows": rates,
+            "stall_s": _median(stalls), "stall_s_windows": stalls,
+            "window_s": [w["seconds"] for w in windows], "cpu_s_windows": [w["cpu_s"] for w in windows],
+            "peak_mem_mb": _median(peaks), "peak_mem_mb_windows": peaks,
+            "snapshots_per_window": windows[0]["saves"] if windows else None}
+
+
+_PER_SAVE = (("seconds", "cost_per_save_s"), ("cpu_s", "cpu_s_per_save"), ("minor_faults", "minor_faults_per_save"))
+
+
+def _add_costs(rows: list[dict[str, Any]], windows: dict[str, list[dict[str, Any]]]) -> None:
+    """What a save costs training, in seconds and in CPU seconds: each window with snapshots minus the
+    same round's window without, over its saves; the median over rounds and their spread."""
+    none = windows.get(NO_SNAPSHOTS)
+    for row in rows:
+        mine = windows.get(row["method"])
+        for field, key in _PER_SAVE:
+            per_save = None
+            if row["method"] != NO_SNAPSHOTS and mine is not None and none is not None:
+                per_save = [(w[field] - n[field]) / w["saves"] for w, n in zip(mine, none, strict=True) if w["saves"]]
+            row[key] = _median(per_save or [])
+            row[f"{key}_spread"] = _spread(per_save or [])
+            row[f"{key}_windows"] = per_save
+
+
+def _spread(values: list[float | None]) -> list[float] | None:
+    present = [v for v in values if v is not None]
+    return [min(present), max(present)] if present else None
 
 
 def add_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], state_mb: dict[int, float]) -> None:
@@ -104,7 +180,8 @@ def add_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], state_
             "extra_rss_ratio": _div(row.get("extra_rss_mb") if ok else None, state_mb.get(row["ranks"])),
         }
     for row in trains:
-        none = [r for r in trains if r["ranks"] == row["ranks"] and r["method"] == "none"]
+        none = [r for r in trains
+                if r["ranks"] == row["ranks"] and r["scenario"] == row["scenario"] and r["method"] == NO_SNAPSHOTS]
         row["ratio_vs_none"] = _ratio(row, none[0] if none else None, "steps_per_s", row.get("status") == "ok")
         both = none and none[0].get("peak_mem_mb") is not None and row.get("peak_mem_mb") is not None
         row["extra_mem_mb"] = row["peak_mem_mb"] - none[0]["peak_mem_mb"] if both else None
@@ -116,7 +193,7 @@ def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], res
     out: dict[str, Any] = {}
     for n in ranks:
         save = next((r for r in saves if r["method"] == "dtrain" and r["ranks"] == n), {})
-        train = next((r for r in trains if r["method"] == "dtrain" and r["ranks"] == n), {})
+        train = _train_row(trains, "dtrain", ALL_CORES, n)
         ratios = dict.fromkeys(RATIO_DEFINITIONS)
         ratios.update(save.get("ratios", {}))
         ratios["throughput_ratio_with_snapshots"] = train.get("ratio_vs_none")
@@ -126,8 +203,35 @@ def dtrain_ratios(saves: list[dict[str, Any]], trains: list[dict[str, Any]], res
         both_ways = [r.get("ratio_vs_raw_read") for r in reshards if r["launch_ranks"] == n]
         if both_ways and None not in both_ways:
             ratios["restore_resharded_ratio_vs_raw_read"] = max(both_ways)
+        ratios.update(training_ratios(trains, n))
+        ratios["restore_ratio_vs_dcp_load"] = _div(save.get("restore_s"), _dcp_load_s(saves, n))
         out[str(n)] = ratios
     return out
+
+
+def training_ratios(trains: list[dict[str, Any]], n: int) -> dict[str, float | None]:
+    """dtrain's cost per save and throughput against torch.save and dcp.async_save, per scenario."""
+    out: dict[str, float | None] = {}
+    for scenario, prefix in ((ALL_CORES, ""), (SPARE_CORE, "spare_core_")):
+        dtrain = _train_row(trains, "dtrain", scenario, n)
+        out[f"{prefix}cost_per_save_ratio_vs_torch_save"] = _div(
+            dtrain.get("cost_per_save_s"), _train_row(trains, "torch_save", scenario, n).get("stall_s"))
+        out[f"{prefix}throughput_ratio_vs_dcp_async_save"] = _div(
+            dtrain.get("steps_per_s"), _train_row(trains, "dcp_async_save", scenario, n).get("steps_per_s"))
+    out["spare_core_throughput_ratio_with_snapshots"] = _train_row(trains, "dtrain", SPARE_CORE, n).get("ratio_vs_none")
+    return out
+
+
+def _train_row(trains: list[dict[str, Any]], method: str, scenario: str, n: int) -> dict[str, Any]:
+    return next((r for r in trains if r["method"] == method and r["scenario"] == scenario and r["ranks"] == n
+                 and r.get("status") == "ok"), {})
+
+
+def _dcp_load_s(saves: list[dict[str, Any]], n: int) -> float | None:
+    """dcp.load's median restore at world size `n`, over every repetition of both DCP methods."""
+    seconds = [s for r in saves if r["method"] in ("dcp_save", "dcp_async_save") and r["ranks"] == n
+               and r.get("status") == "ok" for s in r["reps"]["restore_s"]]
+    return _median(seconds)
 
 
 def reshard_rows(launch_ranks: int, outcome: dict[str, Any]) -> list[dict[str, Any]]:
@@ -178,27 +282,48 @@ def _median(values: list[float | None]) -> float | None:
 
 def save_table(rows: list[dict[str, Any]]) -> str:
     header = ("method", "ranks", "stall s", "total s", "extra mem MB", "restore s", "note")
-    body = [(r["label"], str(r["ranks"]), _fmt(r.get("stall_s")), _fmt(r.get("total_s")),
-             _fmt(r.get("extra_rss_mb"), 0), _fmt(r.get("restore_s")), _row_note(r)) for r in rows]
-    return _table(header, body)
+    body = [(r["label"], str(r["ranks"]), fmt(r.get("stall_s")), fmt(r.get("total_s")),
+             fmt(r.get("extra_rss_mb"), 0), fmt(r.get("restore_s")), _row_note(r)) for r in rows]
+    return table(header, body)
 
 
 def reshard_table(rows: list[dict[str, Any]]) -> str:
     header = ("restore at another world size", "restore s", "raw read s", "ratio", "note")
-    body = [(r["label"], _fmt(r.get("restore_s")), _fmt(r.get("raw_read_s")), _fmt(r.get("ratio_vs_raw_read")),
+    body = [(r["label"], fmt(r.get("restore_s")), fmt(r.get("raw_read_s")), fmt(r.get("ratio_vs_raw_read")),
              f"{r.get('status')}: {r.get('note', '')}" if r.get("status") != "ok"
              else ("" if r.get("verified") else "RESTORED VALUES DIFFER"))
             for r in rows]
-    return _table(header, body)
+    return table(header, body)
 
 
-def train_table(rows: list[dict[str, Any]]) -> str:
-    header = ("training", "ranks", "steps/s", "vs none", "snapshots", "extra mem MB", "note")
-    body = [(r["label"], str(r["ranks"]), _fmt(r.get("steps_per_s")), _fmt(r.get("ratio_vs_none")),
-             str(r.get("snapshots_per_rep", "")), _fmt(r.get("extra_mem_mb"), 0),
-             r.get("note", "") if r.get("status") != "ok" else "")
+_SCENARIO_TITLES = {ALL_CORES: "training, all cores busy", SPARE_CORE: "training, one core left free for the writer"}
+
+
+def train_tables(rows: list[dict[str, Any]], windows: int) -> str:
+    """A table per scenario: medians of `windows` interleaved windows, [min, max] beside them."""
+    parts = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        title = f"{_SCENARIO_TITLES.get(scenario, scenario)}: medians of {windows} windows [min, max]"
+        parts.append(title + "\n" + _train_table([r for r in rows if r["scenario"] == scenario]))
+    return "\n\n".join(parts)
+
+
+def _train_table(rows: list[dict[str, Any]]) -> str:
+    header = ("method", "ranks", "threads", "steps/s", "vs none", "stall s", "cost per save s", "CPU s per save",
+              "extra mem MB", "note")
+    body = [(r["label"], str(r["ranks"]), str(r.get("threads_per_rank") or "-"),
+             _with_spread(r, "steps_per_s"), fmt(r.get("ratio_vs_none")), fmt(r.get("stall_s")),
+             _with_spread(r, "cost_per_save_s"), _with_spread(r, "cpu_s_per_save"), fmt(r.get("extra_mem_mb"), 0),
+             f"{r.get('status')}: {r.get('note', '')}" if r.get("status") != "ok" else "")
             for r in rows]
-    return _table(header, body)
+    return table(header, body)
+
+
+def _with_spread(row: dict[str, Any], key: str) -> str:
+    spread = row.get(f"{key}_spread")
+    if row.get(key) is None or spread is None:
+        return "-"
+    return f"{row[key]:.3f} [{spread[0]:.3f}, {spread[1]:.3f}]"
 
 
 def _row_note(r: dict[str, Any]) -> str:
@@ -214,11 +339,11 @@ def _row_note(r: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0"
 
 
-def _table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+def table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, tuple("-" * w for w in widths) + ("-" * 4,), *body]:

@@ -3,8 +3,8 @@
 Usage:
 
     .venv/bin/python bench/run.py                                 # 1 GiB state, 3 reps, 1 and 2 ranks
-    .venv/bin/python bench/run.py --state-gb 0.1 --reps 3         # quick run, ~100 s on 2 cores
-    .venv/bin/python bench/run.py --state-gb 0.1 --intervals 0    # no throughput table, ~50 s
+    .venv/bin/python bench/run.py --state-gb 0.1 --reps 3         # quick run, ~15 min on 2 cores
+    .venv/bin/python bench/run.py --state-gb 0.1 --intervals 0    # no training tables, ~50 s
     .venv/bin/python bench/run.py --ranks 2 --only torch_save,dtrain --out /tmp/r.json
 
 Every method snapshots the same state (an MLP and its Adam state after one step, built once per
@@ -18,9 +18,12 @@ is deleted afterwards. Per method and world size it reports the median over repe
     restore  seconds to load it back into the live state, page cache dropped first
 
 then dtrain's restore at another world size (saved on 2 ranks, restored on 1, and the reverse),
-and a throughput table: training steps per second with a snapshot every N steps, N chosen so
-that writing a snapshot takes about 10% of the interval (`--every auto`). The table goes
-to stdout, the raw figures and ratios to `--out` (bench/results.json). See bench/README.md.
+and training with a snapshot every N steps, N chosen so that writing a snapshot takes about 10%
+of the interval (`--every auto`), in two scenarios: every core training, and one core left free
+for the writer. Per method it reports steps per second, the stall, and what a save costs training:
+the seconds and CPU seconds a window with snapshots takes beyond the same window without, per
+save (medians of `--windows` interleaved windows, their spread beside). The tables go to stdout,
+the raw figures and ratios to `--out` (bench/results.json). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import recovery, report  # noqa: E402
-from bench.launch import Settings, run_cases, threads_per_rank  # noqa: E402
+from bench.launch import SCENARIOS, Settings, run_cases, scenario_threads, threads_per_rank  # noqa: E402
 from bench.measure import can_drop_caches  # noqa: E402
 from bench.methods import METHODS  # noqa: E402
 
 logger = logging.getLogger("bench")
 
 GIB = 1 << 30
-NO_SNAPSHOTS = "none"  # the throughput row without snapshots
+NO_SNAPSHOTS = report.NO_SNAPSHOTS  # the throughput row without snapshots
+# asynchronous against asynchronous, and torch.save, whose stall is what a synchronous save costs
+DEFAULT_THROUGHPUT = ("torch_save", "dtrain", "dcp_async_save", "torchsnapshot_async_take")
 AUTO_EVERY = 0  # --every auto, decided in the launch from dtrain's measured write time
 RECOVERY_EVERY = 10  # steps between snapshots in the recovery run
 
@@ -59,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-gb", type=float, default=1.0,
                    help="bytes of parameters + Adam state per rank, in GiB (default 1.0)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per method, median reported (default 3)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each save and restore, median reported (default 3)")
     p.add_argument("--ranks", default="1,2", help="world sizes to measure, comma separated (default 1,2)")
     p.add_argument("--only", default="", help=f"methods, comma separated, of: {', '.join(METHODS)}, "
                                               f"{NO_SNAPSHOTS} (default all)")
@@ -71,8 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="for --every auto: a snapshot's write time over the interval (default 0.10)")
     p.add_argument("--intervals", type=int, default=1,
                    help="snapshot intervals per timed throughput window; 0 skips throughput (default 1)")
-    p.add_argument("--throughput", default="torch_save,dtrain",
-                   help="methods timed in training beside no snapshots (default torch_save,dtrain)")
+    p.add_argument("--windows", type=int, default=5,
+                   help="timed throughput windows per method and scenario, interleaved round by round; the "
+                        "median and [min, max] are reported (default 5)")
+    p.add_argument("--throughput", default=",".join(DEFAULT_THROUGHPUT),
+                   help=f"methods timed in training beside no snapshots (default {','.join(DEFAULT_THROUGHPUT)})")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="training scenarios: all (torch threads on every core, or --threads) and spare (one "
+                        "core left free for the writer) (default all,spare)")
     p.add_argument("--recovery-kills", type=int, default=3,
                    help="SIGKILLs of a worker under torchrun, timed to the next step; 0 skips (default 3)")
     p.add_argument("--recovery-gb", type=float, default=0.25,
@@ -80,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tmp-dir", type=Path, default=REPO / "tmp",
                    help="where run dirs go; keep it on the filesystem under test (default <repo>/tmp)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per rank (default: cores / ranks, at least 1)")
+                   help="torch threads per rank, and in the all-cores training scenario (default: cores / ranks, "
+                        "at least 1)")
     p.add_argument("--case-timeout", type=float, default=900,
                    help="seconds without progress before a launch is killed as hung (default 900)")
     p.add_argument("--s3-mb", type=float, default=256,
@@ -102,8 +114,11 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     unknown = [m for m in args.only if m not in METHODS and m != NO_SNAPSHOTS]
     if unknown:
         p.error(f"--only {','.join(unknown)}: unknown; choose from {', '.join(METHODS)}, {NO_SNAPSHOTS}")
-    if args.state_gb <= 0 or args.reps < 1 or args.intervals < 0 or args.threads < 0:
-        p.error("--state-gb must be > 0, --reps >= 1, --intervals >= 0, --threads >= 0")
+    if args.state_gb <= 0 or args.reps < 1 or args.windows < 1 or args.intervals < 0 or args.threads < 0:
+        p.error("--state-gb must be > 0, --reps >= 1, --windows >= 1, --intervals >= 0, --threads >= 0")
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not args.scenarios or set(args.scenarios) - set(SCENARIOS):
+        p.error(f"--scenarios {','.join(args.scenarios)}: choose one or more of {','.join(SCENARIOS)}")
     args.every = _every(p, args.every)
     if not 0 < args.write_share < 1:
         p.error(f"--write-share {args.write_share}: a fraction between 0 and 1, such as 0.10")
@@ -149,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=args.tmp_dir))
     if os.stat(work).st_dev != os.stat(REPO).st_dev:
         logger.warning("%s is not on the repository's filesystem", work)
-    settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, intervals=args.intervals,
-                        every=args.every, write_share=args.write_share, train_methods=train_methods(args),
-                        threads=args.threads, cache_mode="drop_caches" if can_drop_caches() else "fadvise",
+    settings = Settings(state_bytes=int(args.state_gb * GIB), reps=args.reps, windows=args.windows,
+                        intervals=args.intervals, every=args.every, write_share=args.write_share,
+                        train_methods=train_methods(args), scenarios=args.scenarios, threads=args.threads,
+                        cache_mode="drop_caches" if can_drop_caches() else "fadvise",
                         case_timeout_s=args.case_timeout, collective_timeout_s=max(600.0, args.case_timeout))
     results = {"machine": report.machine(work)}
     started = time.time()
@@ -195,30 +211,38 @@ def summarize(args: argparse.Namespace, settings: Settings, launches: dict[int, 
             elif kind == "reshard":
                 reshards += report.reshard_rows(n, outcome)
             else:
-                trains += report.train_rows(settings.train_methods, n, outcome)
+                trains += report.train_rows(settings.train_methods, settings.scenarios, n, outcome)
     state_mb = {n: launch["state"]["nbytes"] / report.MB for n, launch in launches.items() if launch["state"]}
     report.add_ratios(saves, trains, state_mb)
     report.add_reshard_ratios(reshards, saves)
+    ratios = report.dtrain_ratios(saves, trains, reshards, args.ranks, state_mb)
+    headline = ratios[str(args.ranks[0])]
     return {
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "note": args.note,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds)),
         "duration_s": round(seconds, 1),
-        "versions": _versions(torch.__version__),
+        "versions": versions(torch.__version__),
         "config": {"state_gb": args.state_gb, "state_bytes_requested": settings.state_bytes,
                    "state": {str(n): launch["state"] for n, launch in launches.items()},
-                   "reps": args.reps, "ranks": args.ranks, "intervals": args.intervals,
-                   "every": "auto" if args.every == AUTO_EVERY else args.every, "write_share": args.write_share, "page_cache": _cache_text(settings.cache_mode),
-                   "threads_per_rank": {str(n): threads_per_rank(settings, n) for n in args.ranks}},
-        "ratios": report.dtrain_ratios(saves, trains, reshards, args.ranks, state_mb),
-        "ratio_definitions": report.RATIO_DEFINITIONS,
+                   "reps": args.reps, "ranks": args.ranks, "windows": args.windows, "intervals": args.intervals,
+                   "every": "auto" if args.every == AUTO_EVERY else args.every, "write_share": args.write_share,
+                   "page_cache": cache_text(settings.cache_mode),
+                   "threads_per_rank": {str(n): threads_per_rank(settings, n) for n in args.ranks},
+                   "scenarios": args.scenarios,
+                   "scenario_threads_per_rank": {str(n): scenario_threads(settings, n) for n in args.ranks}},
+        # dtrain against the baselines in training and restore, at the smallest world size of the run
+        **{key: headline[key] for key in report.TRAINING_RATIO_DEFINITIONS},
+        "headline_ranks": args.ranks[0],
+        "ratios": ratios,
+        "ratio_definitions": {**report.RATIO_DEFINITIONS, **report.TRAINING_RATIO_DEFINITIONS},
         "methods": saves,
         "restore_at_another_world_size": reshards,
         "throughput": trains,
     }
 
 
-def _versions(torch_version: str) -> dict[str, str]:
+def versions(torch_version: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "torch": torch_version}
@@ -230,7 +254,7 @@ def _versions(torch_version: str) -> dict[str, str]:
     return out
 
 
-def _cache_text(mode: str) -> str:
+def cache_text(mode: str) -> str:
     if mode == "drop_caches":
         return "dropped before every restore (files fsynced, then echo 1 > /proc/sys/vm/drop_caches)"
     return "evicted before every restore with posix_fadvise(DONTNEED) per file (drop_caches not writable)"
@@ -246,14 +270,16 @@ def render(results: dict[str, Any]) -> str:
     if results["restore_at_another_world_size"]:
         lines += ["", report.reshard_table(results["restore_at_another_world_size"])]
     if results["throughput"]:
-        lines += ["", report.train_table(results["throughput"])]
+        lines += ["", report.train_tables(results["throughput"], cfg["windows"])]
     if "recovery" in results:
         r = results["recovery"]
         lines += ["", f"recovery under torchrun ({r['state_gb']:g} GiB state, snapshot every {r['every']} steps, "
                       f"{len(r['kills'])} SIGKILLs of a worker): training back {r['recovery_s_median']:.1f} s after "
                       f"the kill (resumed at {r['resumed_s_median']:.1f} s), {r['replayed_median']:g} steps replayed "
                       "(medians)"]
-    lines += ["", "dtrain ratios: " + json.dumps(results["ratios"])]
+    lines += ["", "dtrain ratios: " + json.dumps(results["ratios"]),
+              f"dtrain against the others at {results['headline_ranks']} rank(s): "
+              + json.dumps({key: results[key] for key in report.TRAINING_RATIO_DEFINITIONS})]
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 DEPTH = 16  # Linear layers; the width is chosen so that the state reaches the requested size
@@ -87,17 +86,16 @@ def train_step(state: BenchState) -> None:
 
 def train_steps(state: BenchState, steps: int, on_step: Callable[[int], None] | None = None,
                 on_end: Callable[[], None] | None = None) -> float:
-    """Run `steps` training steps and return steps per second.
+    """Run `steps` training steps and return the seconds they took.
 
     `on_step(step)` runs before the first step (step 0) and after each step, inside the timed
     window, and so does `on_end()` after the last one: a snapshot hook waits there for its last
-    snapshot to commit.
+    snapshot to commit. Ranks are not aligned here: a caller timing a window starts it after a
+    barrier.
 
     Example:
-        rate = train_steps(state, 20, on_step=lambda step: None)
+        seconds = train_steps(state, 20, on_step=lambda step: None)
     """
-    if dist.is_initialized():
-        dist.barrier()
     start = time.perf_counter()
     if on_step is not None:
         on_step(0)
@@ -107,7 +105,7 @@ def train_steps(state: BenchState, steps: int, on_step: Callable[[int], None] | 
             on_step(step)
     if on_end is not None:
         on_end()
-    return steps / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def state_tensors(state: BenchState) -> list[tuple[str, torch.Tensor]]:

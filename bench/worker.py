@@ -22,13 +22,13 @@ logger = logging.getLogger("bench")
 
 def main(rank: int, spec: dict[str, Any]) -> None:
     """Entry point of a spawned rank; `spec` is built by `bench/launch.py`."""
-    _quiet_warnings()
+    quiet_warnings()
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(spec["world_size"]),
                        "LOCAL_WORLD_SIZE": str(spec["world_size"]), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(spec["port"])})
     logging.basicConfig(level=logging.WARNING, format=f"[bench rank {rank} %(relativeCreated)6.0f ms] %(message)s")
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)  # INFO from rank 0 only
-    log = _EventLog(Path(spec["log_dir"]) / f"rank-{rank}.jsonl")
+    log = EventLog(Path(spec["log_dir"]) / f"rank-{rank}.jsonl")
     try:
         _run(rank, spec, log)
     except Exception:
@@ -36,7 +36,7 @@ def main(rank: int, spec: dict[str, Any]) -> None:
         os._exit(1)
 
 
-def _run(rank: int, spec: dict[str, Any], log: _EventLog) -> None:
+def _run(rank: int, spec: dict[str, Any], log: EventLog) -> None:
     from datetime import timedelta
 
     import torch
@@ -45,7 +45,7 @@ def _run(rank: int, spec: dict[str, Any], log: _EventLog) -> None:
     from bench.measure import Pristine
     from bench.state import build_state
 
-    _import_libraries()
+    import_libraries()
     torch.set_num_threads(spec["threads"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["collective_timeout_s"]))
     start = time.perf_counter()
@@ -66,14 +66,14 @@ def _run(rank: int, spec: dict[str, Any], log: _EventLog) -> None:
 
 def _run_case(case: str, state: Any, pristine: Any, spec: dict[str, Any],
               done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from bench.measure import choose_interval, measure_method, measure_reshard, measure_throughput
+    from bench.measure import measure_method, measure_reshard
     from bench.methods import METHODS
 
     kind, _, name = case.partition(":")
     case_dir = Path(spec["case_dir"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _quiet_warnings()
+        quiet_warnings()
         try:
             if kind == "save":
                 logger.info("%s: %d repetitions", name, spec["reps"])
@@ -83,22 +83,29 @@ def _run_case(case: str, state: Any, pristine: Any, spec: dict[str, Any],
                 logger.info("dtrain restore at another world size: %d repetitions each way", spec["reps"])
                 result = measure_reshard(state, case_dir, spec["reps"], spec["cache_mode"], pristine)
             else:
-                interval = choose_interval(state, spec["every"], spec["write_share"], done.get("save:dtrain"))
-                steps = interval["every"] * spec["intervals"]
-                logger.info("throughput of %s: %d x %d steps each (a snapshot every %d), interleaved",
-                            ", ".join(spec["train_methods"]), spec["reps"], steps, interval["every"])
-                methods = [METHODS.get(m) for m in spec["train_methods"]]
-                result = measure_throughput(methods, state, case_dir, spec["reps"], steps, interval["every"])
-                result.update(interval, steps=steps)
+                result = _run_training(state, case_dir, spec, done.get("save:dtrain"))
             result["status"] = "ok"
         except NotImplementedError as e:
             result = {"status": "skipped", "note": str(e)}
-    result["warnings"] = sorted({_one_line(w.message) for w in caught} - {""})
+    result["warnings"] = sorted({one_line(w.message) for w in caught} - {""})
     logger.info("%s: %s", case, result["status"])
     return result
 
 
-def _import_libraries() -> None:
+def _run_training(state: Any, case_dir: Path, spec: dict[str, Any],
+                  dtrain_save: dict[str, Any] | None) -> dict[str, Any]:
+    from bench.methods import METHODS
+    from bench.throughput import measure_training
+
+    logger.info("throughput of %s: %d interleaved windows each, threads per rank by scenario %s",
+                ", ".join(spec["train_methods"]), spec["windows"], spec["scenario_threads"])
+    methods = [METHODS.get(m) for m in spec["train_methods"]]
+    settings = {k: spec[k] for k in ("every", "write_share", "intervals")}
+    return measure_training(methods, state, case_dir, spec["windows"], spec["scenario_threads"], settings,
+                            dtrain_save)
+
+
+def import_libraries() -> None:
     """Import the baselines' libraries now, so that no first repetition pays for it."""
     for name in ("torchsnapshot", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict"):
         try:
@@ -107,16 +114,16 @@ def _import_libraries() -> None:
             logger.warning("cannot import %s: %s", name, e)
 
 
-def _one_line(message: Warning | str) -> str:
+def one_line(message: Warning | str) -> str:
     return str(message).strip().splitlines()[0][:200] if str(message).strip() else ""
 
 
-def _quiet_warnings() -> None:
+def quiet_warnings() -> None:
     # torchsnapshot's import scripts functions through the deprecated torch.jit; not a finding
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
 
 
-class _EventLog:
+class EventLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 

@@ -112,8 +112,10 @@ def micro_batches(batch: Any, size: int, count: int = 0) -> list[Any]:
     `size` samples; the whole batch, once, when `size` is 0 or covers it. An empty batch stays one piece.
     With `count`, empty pieces are added up to `count` (FSDP needs as many forwards on every rank)."""
     n = _batch_len(batch)
-    starts = range(0, n, size) if size and n > size else [0]
-    pieces = [torch.utils._pytree.tree_map(lambda t, lo=lo: t[lo:lo + (size or n)], batch) for lo in starts]
+    if size == 0 or n <= size:
+        pieces = [batch]
+    else:
+        pieces = [torch.utils._pytree.tree_map(lambda t, lo=lo: t[lo:lo + size], batch) for lo in range(0, n, size)]
     empty = torch.utils._pytree.tree_map(lambda t: t[:0], batch)
     return pieces + [empty] * (count - len(pieces))
 

@@ -131,7 +131,7 @@ def _claim_huge_tensor(snap: Path, nbytes: int) -> str:
         other["pieces"] = [p for p in other["pieces"] if p["file"] != name or other is entry]
     raw["tensors"] = {k: e for k, e in raw["tensors"].items() if e["pieces"] or e["view"] or k == key}
     entry["dtype"], entry["shape"] = "uint8", [nbytes]
-    entry["pieces"] = [{"file": name, "file_offset": 0, "tensor_offset": 0, "nbytes": nbytes}]
+    entry["pieces"] = [{"file": name, "file_offset": 0, "tensor_offset": 0, "nbytes": nbytes, "crc32c": 0}]
     raw["files"][name]["bytes"] = nbytes
     (snap / layout.MANIFEST).write_bytes(with_header(json.dumps(raw).encode()))
     return name

@@ -21,7 +21,7 @@ import torch
 
 from dtrain.config import DataConfig, load_config
 from dtrain.errors import ConfigError
-from dtrain.loader import SampleReadError, StepBatches, micro_batches
+from dtrain.loader import SampleReadError, StepBatches, micro_batch_count, micro_batches
 from dtrain.precision import MixedPrecision
 from dtrain.sampler import ResumableSampler
 from tests.distributed import run_ranks
@@ -167,6 +167,9 @@ def test_micro_batches_split_a_batch_into_pieces_of_at_most_the_size() -> None:
     assert micro_batches(batch, 0) == [batch] and micro_batches(batch, 10) == [batch]
     empty = (torch.zeros(0, 3), torch.zeros(0))
     assert micro_batches(empty, 4) == [empty]
+    padded = micro_batches(batch, 4, count=5)  # FSDP: as many forwards on every rank
+    assert [len(p[0]) for p in padded] == [4, 4, 2, 0, 0]
+    assert micro_batch_count(10, 3, 2) == 2 and micro_batch_count(9, 3, 0) == 1 and micro_batch_count(1, 3, 4) == 1
 
 
 def test_clipping_bounds_the_gradient_norm_and_reports_it_before_clipping() -> None:

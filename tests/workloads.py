@@ -39,12 +39,24 @@ def train(run_dir: str, overrides: list[str], storage: Any = None) -> dict[str, 
         "rank": ctx.rank,
         "error": error,
         "resumed_from": result.resumed_from if result else None,
-        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "optimizer": trainer.optimizer.state_dict(),
+        "model": whole(trainer.model.state_dict()),
+        "optimizer": whole_optimizer(trainer.optimizer.state_dict()),
         "ledger": ledger,
         "rng": torch.get_rng_state(),
         "precision": trainer.amp.state_dict(),
     }
+
+
+def whole(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Copies of a state dict's tensors, sharded ones (FSDP's DTensors) gathered whole on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in tensors.items()}
+
+
+def whole_optimizer(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {**state_dict, "state": {i: whole(s) for i, s in state_dict["state"].items()}}
 
 
 def train_ledgered(run_dir: str, overrides: list[str], ledger: str, kill_before: int | None = None) -> dict[str, Any]:
@@ -65,8 +77,7 @@ def train_ledgered(run_dir: str, overrides: list[str], ledger: str, kill_before:
 
     trainer = Trainer(cfg, load_task(cfg.task), Path(run_dir), ctx, on_batch=on_batch)
     result = trainer.fit()
-    return {"rank": ctx.rank, "resumed_from": result.resumed_from,
-            "model": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+    return {"rank": ctx.rank, "resumed_from": result.resumed_from, "model": whole(trainer.model.state_dict())}
 
 
 def train_killing_one_rank(run_dir: str, overrides: list[str], ledger: str, kill_rank: int,

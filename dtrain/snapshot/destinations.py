@@ -106,6 +106,9 @@ class Destinations:
                 base = made[entry.view.base]
                 alias = entry.is_alias_of(self.manifest.tensors[entry.view.base])
                 made[key] = base if alias else make_view(base, DTYPES[entry.dtype], entry.shape, entry.view)
+        for key, target in self.targets.items():
+            if isinstance(target, DTensor) and not isinstance(made.get(key, target), DTensor) and self._fits(key, target):
+                made[key] = _keep_rows(key, made[key], target)
         return made
 
     def _tie_rows(self, key: str, entry: TensorEntry, made: dict[str, torch.Tensor]) -> None:
@@ -150,17 +153,19 @@ class Destinations:
         return Span(local.reshape(-1).view(torch.uint8), rows.byte_offset)
 
     def _sharded_views(self) -> dict[str, tuple[str, int]]:
-        """Shared bases (a replicated snapshot's tied weights) whose view has a live DTensor target:
-        base key -> (that view's key, where the view starts in the base)."""
-        found: dict[str, tuple[str, int]] = {}
+        """Shared bases (a replicated snapshot's tied weights) whose every view has a live DTensor
+        target: base key -> (the first such view's key, where it starts in the base). A base with
+        any other view is read whole, and the DTensor targets take their rows from it."""
+        views: dict[str, list[str]] = {}
         for key, entry in self.manifest.tensors.items():
-            target = self.targets.get(key)
-            if entry.view is None or not isinstance(target, DTensor) or not self._fits(key, target):
-                continue
-            if entry.is_alias_of(self.manifest.tensors[entry.view.base]):
-                continue
-            if entry.view.stride == contiguous_strides(entry.shape) and entry.view.base not in found:
-                found[entry.view.base] = (key, entry.view.byte_offset)
+            if entry.view is not None and not entry.is_alias_of(self.manifest.tensors[entry.view.base]):
+                views.setdefault(entry.view.base, []).append(key)
+        found = {}
+        for base, keys in views.items():
+            entries = [self.manifest.tensors[k] for k in keys]
+            if all(isinstance(self.targets.get(k), DTensor) and self._fits(k, self.targets[k])
+                   and e.view.stride == contiguous_strides(e.shape) for k, e in zip(keys, entries, strict=True)):
+                found[base] = (keys[0], entries[0].view.byte_offset)
         return found
 
     def _fits(self, key: str, live: torch.Tensor) -> bool:
@@ -172,6 +177,16 @@ class Destinations:
         if live is None or isinstance(live, DTensor) or not self._fits(key, live):
             return None
         return live if live.device.type == "cpu" and live.is_contiguous() else None
+
+
+def _keep_rows(key: str, whole: torch.Tensor, target: DTensor) -> DTensor:
+    """A DTensor target restored from a tensor read whole (a view of a shared base): copy its rows."""
+    rows = local_rows(key, target)
+    flat = whole.contiguous().reshape(-1).view(torch.uint8)
+    local = rows.local
+    local.copy_(flat[rows.byte_offset:rows.byte_offset + local.numel() * local.element_size()].view(local.dtype)
+                .reshape(local.shape))
+    return target
 
 
 def _pieces_by_file(manifest: Manifest) -> dict[str, list[tuple[str, Piece]]]:

@@ -4,6 +4,7 @@
 (on CUDA, the device-to-host copy into pinned memory), then a background thread writes them.
 The buffers are kept and reused by the next save of the same layout, so after the first save
 staging touches no fresh memory (no page faults, no allocator); on CUDA they are pinned once.
+They start on page boundaries, so the writer can send them to disk around the page cache.
 The stall is one memcpy of this rank's share, and that share stays allocated between saves.
 
 `fork`: the training process forks. The child sees the state exactly as it was at the fork, by
@@ -76,13 +77,23 @@ class StagingBuffers:
     def get(self, name: str, nbytes: int, pin: bool) -> torch.Tensor:
         buf = self._held.get(name)
         if buf is None or buf.numel() != nbytes or buf.is_pinned() != pin:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) if pin else _page_aligned(nbytes)
             self._held[name] = buf
         return buf
 
     def keep_only(self, names: set[str]) -> None:
         """Drop the buffers of files this save did not have."""
         self._held = {n: b for n, b in self._held.items() if n in names}
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """Host memory on page boundaries, mapped in at once: a write from it can bypass the page cache
+    (`O_DIRECT` needs aligned buffers), and the first save does not fault its pages in one by one."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    region = mmap.mmap(-1, nbytes, flags=flags)
+    return torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
 class PageReleaser:

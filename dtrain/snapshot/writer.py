@@ -245,8 +245,7 @@ class SnapshotWriter:
             src = views.setdefault(p.key, as_bytes(tensors[p.key]))
             buf[p.file_offset:p.file_offset + p.nbytes].copy_(src[p.tensor_offset:p.tensor_offset + p.nbytes],
                                                               non_blocking=pin)
-        whole = memoryview(buf.numpy())
-        return [whole[p.file_offset:p.file_offset + p.nbytes] for p in planned.pieces]
+        return [memoryview(buf.numpy())]
 
     def _write_in_child(self, staged: StagedSnapshot, wrote: Callable[[int], None]) -> dict[str, Any]:
         pages = PageReleaser([v for _, chunks in staged.files for v in chunks])
@@ -265,11 +264,11 @@ class SnapshotWriter:
         try:
             written = write()
         except SnapshotError as e:
-            written = {"files": {}, "error": f"rank {self.ctx.rank}: {e}"}
+            written = {"files": {}, "pieces": {}, "error": f"rank {self.ctx.rank}: {e}"}
         staged.files = []  # release the staging buffers before waiting on other ranks
         report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written["files"].items()},
                              written["error"], staged.per_rank, staged.per_rank_tensors, staged.sharded_tensors,
-                             written["pieces"])
+                             written.get("pieces", {}))
         if report.error:
             logger.warning("could not write the shard of step %d: %s", staged.step, report.error)
         store = self.ctx.save_store
@@ -293,35 +292,36 @@ class SnapshotWriter:
         try:
             self.storage.makedirs(staged.save_dir)
             for planned, chunks in staged.files:
-                entry, crcs = self._write_file(f"{staged.save_dir}/{planned.name}", chunks, done)
+                entry, crcs = self._write_file(f"{staged.save_dir}/{planned.name}", planned, chunks, done)
                 written["files"][planned.name] = entry
                 written["pieces"][planned.name] = [[p.file_offset, p.nbytes, c] for p, c in zip(planned.pieces, crcs, strict=True)]
         except Exception as e:  # no logging here: this may run in a forked child
             written["error"] = f"rank {self.ctx.rank}: {type(e).__name__}: {e}"
         return written
 
-    def _write_file(self, path: str, chunks: list[memoryview],
+    def _write_file(self, path: str, planned: PlannedFile, chunks: list[memoryview],
                     done: Callable[[memoryview], None] | None) -> tuple[dict[str, int], list[int]]:
-        """Write one file, its pieces (`chunks`) in order; its entry and each piece's CRC-32C."""
-        crc, size, crcs = 0, 0, []
+        """Write one file from `chunks`: its whole bytes in one buffer (copy staging, page-aligned, so
+        the storage can write it around the page cache) or one chunk per piece (fork staging).
+        Returns its entry and each piece's CRC-32C; the file's CRC is their combination."""
+        whole = len(chunks) == 1 and len(planned.pieces) != 1
+        pieces = [chunks[0][p.file_offset:p.file_offset + p.nbytes] for p in planned.pieces] if whole else chunks
+        crcs = [checksum.extend(0, piece) for piece in pieces]
+        crc = 0
+        for piece, piece_crc in zip(pieces, crcs, strict=True):
+            crc = checksum.combine(crc, piece_crc, len(piece))
         handle = self.storage.open_write(path)
         try:
             for chunk in chunks:
-                piece_crc = 0
-                for start in range(0, len(chunk), checksum.BLOCK):  # checksum each block while it is in cache
-                    block = chunk[start:start + checksum.BLOCK]
-                    piece_crc = checksum.extend(piece_crc, block)
-                    handle.write(block)
-                crcs.append(piece_crc)
-                crc = checksum.combine(crc, piece_crc, len(chunk))
-                size += len(chunk)
+                for start in range(0, len(chunk), checksum.BLOCK):
+                    handle.write(chunk[start:start + checksum.BLOCK])
                 if done is not None:
                     done(chunk)
             handle.close()
         except BaseException:
             handle.abort()
             raise
-        return {"bytes": size, "crc32c": crc, "writer": self.ctx.rank}, crcs
+        return {"bytes": sum(len(c) for c in chunks), "crc32c": crc, "writer": self.ctx.rank}, crcs
 
     def _commit(self, staged: StagedSnapshot) -> Outcome:
         final = layout.committed_path(staged.step)
