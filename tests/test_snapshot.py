@@ -18,7 +18,7 @@ from dtrain.snapshot.staging import ForkedWriter
 from dtrain.snapshot.writer import SnapshotWriter
 from dtrain.storage import LocalStorage
 from tests.distributed import run_ranks
-from tests.workloads import restore_in_place, train, train_with_failing_rank
+from tests.workloads import restore_in_place, save_one_step_twice, train, train_with_failing_rank
 
 
 def _state(seed: int) -> dict:
@@ -203,3 +203,12 @@ def test_an_error_in_the_writer_process_comes_back_as_its_report() -> None:
 
     report = ForkedWriter(work, held_bytes=1).wait()
     assert "No space left on device" in report["error"]
+
+
+def test_a_step_saved_again_by_the_same_writer_commits_on_every_rank(tmp_path: Path) -> None:
+    """Each save's messages have keys of their own: the second save of a step never reads, nor
+    deletes, the first one's outcome (rank 0 once deleted the outcome it had just published, and
+    the other ranks failed the save at its deadline)."""
+    assert len(run_ranks(save_one_step_twice, 2, str(tmp_path / "a"), str(tmp_path / "b"), timeout=120)) == 2
+    _, tensors = reader.read_tensors(LocalStorage(tmp_path / "b"), 1, "model/")
+    assert torch.equal(tensors["model/w"], torch.full((1000,), 2.0))

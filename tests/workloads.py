@@ -172,3 +172,21 @@ def train_expecting_error(run_dir: str, overrides: list[str]) -> str:
     except DTrainError as e:
         return str(e)
     raise AssertionError("training finished without the expected error")
+
+
+def save_one_step_twice(first_dir: str, second_dir: str) -> list[str]:
+    """One writer saves step 1 into `first_dir`, then step 1 again (other values) into `second_dir`,
+    as a step is saved again after its snapshot failed verification; each save's path (it raises
+    if a save did not commit)."""
+    import torch.distributed as dist
+
+    from dtrain.dist import attach
+    from dtrain.snapshot.writer import SnapshotWriter
+
+    dist.init_process_group("gloo")
+    writer = SnapshotWriter(LocalStorage(Path(first_dir)), attach(), timeout_seconds=30)
+    paths = []
+    for value, run_dir in [(1.0, first_dir), (2.0, second_dir)]:
+        writer.storage = LocalStorage(Path(run_dir))
+        paths.append(writer.save(1, {"model": {"w": torch.full((1000,), value)}}, {}).wait().path)
+    return paths

@@ -100,6 +100,10 @@ class StagedSnapshot:
     objects: dict[str, Any] = field(default_factory=dict)
     replicated_tensors: dict[str, TensorEntry] = field(default_factory=dict)
     stall_seconds: float = 0.0
+    store_prefix: str = ""
+    """This save's keys in the store: `save/<n>-<step>`, `n` counting this writer's saves, so that a
+    step saved again (a run dir replaced, a snapshot that failed verification) never meets the
+    messages of the earlier save of that step."""
 
 
 class PendingSnapshot:
@@ -162,6 +166,7 @@ class SnapshotWriter:
         self.after_commit = after_commit
         self._in_flight: PendingSnapshot | None = None
         self._old_outcome_key: str | None = None
+        self._saves = 0
         self._buffers = StagingBuffers()
         self.replaceable: set[int] = set()
         """Steps whose committed snapshot failed verification at resume: a save of one replaces it.
@@ -175,6 +180,8 @@ class SnapshotWriter:
             self._wait_previous(previous)
         start = time.perf_counter()
         staged = self.stage(step, replicated, per_rank, meta)
+        self._saves += 1
+        staged.store_prefix = f"save/{self._saves}-{step}"
         if staged.unowned is not None:  # fork staging: a child process writes the shared image
             child = ForkedWriter(lambda wrote: self._write_in_child(staged, wrote), staged.nbytes,
                                  self.budget_bytes, staged.deadline)
@@ -272,8 +279,8 @@ class SnapshotWriter:
         if report.error:
             logger.warning("could not write the shard of step %d: %s", staged.step, report.error)
         store = self.ctx.save_store
-        outcome_key = f"save/{staged.step}/outcome"
-        store.set(f"save/{staged.step}/report/{self.ctx.rank}", report.to_json())
+        outcome_key = f"{staged.store_prefix}/outcome"
+        store.set(f"{staged.store_prefix}/report/{self.ctx.rank}", report.to_json())
         if self.ctx.rank == 0:
             outcome = self._commit(staged)
             store.set(outcome_key, outcome.to_json())
@@ -326,7 +333,7 @@ class SnapshotWriter:
     def _commit(self, staged: StagedSnapshot) -> Outcome:
         final = layout.committed_path(staged.step)
         try:
-            reports = self._gather_reports(staged.step, staged.deadline)
+            reports = self._gather_reports(staged.store_prefix, staged.deadline)
             errors = [r.error for r in reports if r.error]
             if errors:
                 raise SnapshotError("; ".join(errors))
@@ -356,9 +363,9 @@ class SnapshotWriter:
             logger.warning("snapshot of step %d is committed, but updating %s failed (%s: %s); resume finds it "
                            "by listing snapshots/", step, layout.LATEST, type(e).__name__, e)
 
-    def _gather_reports(self, step: int, deadline: float) -> list[ShardReport]:
+    def _gather_reports(self, prefix: str, deadline: float) -> list[ShardReport]:
         store = self.ctx.save_store
-        keys = [f"save/{step}/report/{r}" for r in range(self.ctx.world_size)]
+        keys = [f"{prefix}/report/{r}" for r in range(self.ctx.world_size)]
         try:
             store.wait(keys, _until(deadline))
         except Exception:
