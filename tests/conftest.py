@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 from pathlib import Path
@@ -46,3 +47,32 @@ def uninterrupted_weights(run_dir: Path, *settings: str) -> bytes:
     done = run(torchrun_cmd(2, "train", "--config", "examples/demo.toml", "--run-dir", str(run_dir), *settings))
     assert done.returncode == 0, done.stdout[-3000:]
     return export_weights(run_dir)
+
+
+def sigkill_one_worker_mid_run(cmd: list[str], run_dir: Path, last_kill_step: int, rng: random.Random,
+                               env: dict[str, str] | None = None) -> str:
+    """Run `cmd` (a 2-process torchrun allowing a restart, training into `run_dir`), SIGKILL one
+    worker chosen by `rng` at a step chosen by `rng` between the first commit and `last_kill_step`,
+    and return torchrun's output once it exits 0 (asserting it does, naming the kill)."""
+    from chaos.launch import committed_steps, last_step, read_metrics
+    from support.procs import kill, kill_tree, wait_for, worker_ranks
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.torchrun.log"
+    with log.open("w") as out:
+        agent = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"})
+    try:
+        ranks = worker_ranks(agent.pid, 2)
+        first = wait_for(lambda: committed_steps(run_dir), 180, "the first committed snapshot")[0]
+        at, victim = rng.randint(first + 1, last_kill_step), rng.randrange(2)
+        wait_for(lambda: (last_step(read_metrics(run_dir)) or 0) >= at or agent.poll() is not None, 180,
+                 f"step {at}", interval=0.005)
+        assert agent.poll() is None, "the run ended before the kill"
+        assert kill(ranks[victim], signal.SIGKILL)
+        code = agent.wait(timeout=300)
+    finally:
+        kill_tree(agent.pid)
+    out = log.read_text()
+    assert code == 0, f"torchrun exited {code} after rank {victim} was SIGKILLed at step {at}:\n{out[-4000:]}"
+    return out

@@ -8,19 +8,14 @@ proves that the tie survives sharding, resharding and a change of strategy.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from chaos.launch import committed_steps, last_step, read_metrics
-from support.procs import kill, kill_tree, wait_for, worker_ranks
-from tests.conftest import REPO, export_weights, run, torchrun_cmd
+from tests.conftest import export_weights, run, sigkill_one_worker_mid_run, torchrun_cmd
 from tests.distributed import run_ranks
 from tests.workloads import train
 
@@ -107,25 +102,8 @@ def test_fsdp_sigkilled_and_restarted_by_torchrun_is_bit_identical(tmp_path: Pat
     assert done.returncode == 0, done.stdout[-3000:]
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    rng = random.Random(seed)
-    with (tmp_path / "torchrun.log").open("w") as out:
-        agent = subprocess.Popen(_train_cmd(2, run_dir, *settings, max_restarts=1), cwd=REPO, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, **env, "OMP_NUM_THREADS": "1"})
-    try:
-        ranks = worker_ranks(agent.pid, 2)
-        first = wait_for(lambda: committed_steps(run_dir), 180, "the first committed snapshot")[0]
-        at, victim = rng.randint(first + 1, steps - 4), rng.randrange(2)
-        wait_for(lambda: (last_step(read_metrics(run_dir)) or 0) >= at or agent.poll() is not None, 180,
-                 f"step {at}", interval=0.005)
-        assert agent.poll() is None, "the run ended before the kill"
-        assert kill(ranks[victim], signal.SIGKILL)
-        code = agent.wait(timeout=300)
-    finally:
-        kill_tree(agent.pid)
-    log = (tmp_path / "torchrun.log").read_text()
-    assert code == 0, f"torchrun exited {code} after rank {victim} was SIGKILLed at step {at}:\n{log[-4000:]}"
+    log = sigkill_one_worker_mid_run(_train_cmd(2, run_dir, *settings, max_restarts=1), run_dir, steps - 4,
+                                     random.Random(seed), env)
     assert "resumed from snapshot step" in log, log[-3000:]
     assert export_weights(run_dir) == export_weights(tmp_path / "straight"), "the resumed run ended elsewhere"
 

@@ -4,19 +4,14 @@ bit for bit where the uninterrupted run ends, and the exported head is still the
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from chaos.launch import committed_steps, last_step, read_metrics
-from support.procs import kill, kill_tree, wait_for, worker_ranks
-from tests.conftest import REPO, export_weights, run, torchrun_cmd
+from tests.conftest import export_weights, run, sigkill_one_worker_mid_run, torchrun_cmd
 
 STEPS = 30
 SMALL = ["--set", f"train.steps={STEPS}", "--set", "snapshot.every_steps=5", "--set", "train.log_every_steps=1",
@@ -40,26 +35,8 @@ def test_gpt_killed_and_resumed_is_bit_identical(tmp_path: Path, seed: int) -> N
     assert done.returncode == 0, done.stdout[-3000:]
     reference = export_weights(reference_dir)
 
-    rng = random.Random(seed)
-    run_dir.mkdir(parents=True)
-    log = run_dir.parent / "torchrun.log"
-    with log.open("w") as out:
-        agent = subprocess.Popen(torchrun_cmd(2, *_args(run_dir), max_restarts=1), cwd=REPO, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        ranks = worker_ranks(agent.pid, 2)
-        first = wait_for(lambda: committed_steps(run_dir), 180, "the first committed snapshot")[0]
-        at, victim = rng.randint(first + 1, STEPS - 5), rng.randrange(2)
-        wait_for(lambda: (last_step(read_metrics(run_dir)) or 0) >= at or agent.poll() is not None, 180,
-                 f"step {at}", interval=0.005)
-        assert agent.poll() is None, "the run ended before the kill"
-        assert kill(ranks[victim], signal.SIGKILL)
-        code = agent.wait(timeout=300)
-    finally:
-        kill_tree(agent.pid)
-    out = log.read_text()
-    assert code == 0, f"torchrun exited {code} after rank {victim} was SIGKILLed at step {at}:\n{out[-4000:]}"
+    out = sigkill_one_worker_mid_run(torchrun_cmd(2, *_args(run_dir), max_restarts=1), run_dir, STEPS - 5,
+                                     random.Random(seed))
     assert re.search(r"resumed from snapshot step \d+", out), out[-3000:]
 
     final = export_weights(run_dir)

@@ -453,15 +453,14 @@ def _entries(plan: list[PlannedFile], stored: dict[str, torch.Tensor],
 
 def _tied(rows: dict[str, LocalRows]) -> dict[str, str]:
     """Sharded keys that are another key's tensor (a tied parameter), each to the key stored for it."""
-    first: dict[tuple, str] = {}
+    stored: list[str] = []
     tied = {}
     for key, r in rows.items():
-        for other in first.values():
-            if same_rows(rows[other], r):
-                tied[key] = other
-                break
+        base = next((k for k in stored if same_rows(rows[k], r)), None)
+        if base is None:
+            stored.append(key)
         else:
-            first[(r.local.untyped_storage().data_ptr(), r.local.storage_offset(), key)] = key
+            tied[key] = base
     return tied
 
 
