@@ -10,9 +10,9 @@ A save has five phases. Only the first blocks training.
    process keeps a copy-on-write image of them). Training may change the parameters as soon as
    this returns.
 2. Write (background thread, every rank). Each file goes into the save's dir, the CRC-32C of
-   each of its pieces computed on the way (the file's is their combination), and is made durable. The storage says where (`Storage.save_dir`):
-   `snapshots/.pending/step_N.<nonce>/` where it can rename directories, `snapshots/step_N/`
-   itself on an object store, where the manifest alone commits.
+   each of its pieces computed on the way (the file's is their combination), and is made durable.
+   The storage says where (`Storage.save_dir`): `snapshots/.pending/step_N.<nonce>/` where it can
+   rename directories, `snapshots/step_N/` itself on an object store, where the manifest alone commits.
 3. Report. Each rank puts a `ShardReport` under a store key: its files' sizes and CRCs and its
    own skeletons, or its error. The store, not a collective, is the barrier: a background thread
    must never issue collectives on the training group, and it uses a store client of its own.
@@ -216,10 +216,11 @@ class SnapshotWriter:
         own_rows = {k: r.local for k, r in rows.items() if k not in tied and r.writes}
         shard_plan = plan_shards({k: _nbytes(t) for k, t in own_rows.items()}, rank, self.file_bytes)
         by_reference = self.staging == "fork"
-        if by_reference and not can_fork({**shared.stored, **own_rows}):
+        tensors = {**shared.stored, **own_rows}
+        if by_reference and not can_fork(tensors):
             raise SnapshotError("snapshot.staging = 'fork' needs Linux and host tensors (a forked child cannot "
                                 "read GPU memory); use copy or auto")
-        tensors = _fork_safe({**shared.stored, **own_rows}) if by_reference else {**shared.stored, **own_rows}
+        tensors = _fork_safe(tensors) if by_reference else tensors
         hold = _piece_views if by_reference else self._copy_file
         files = [(f, hold(f, tensors)) for f in plan if f.writer == rank]
         files += [(f, hold(f, tensors)) for f in shard_plan]
@@ -271,9 +272,10 @@ class SnapshotWriter:
         try:
             written = write()
         except SnapshotError as e:
-            written = {"files": {}, "pieces": {}, "error": f"rank {self.ctx.rank}: {e}"}
+            written = {"error": f"rank {self.ctx.rank}: {e}"}
         staged.files = []  # release the staging buffers before waiting on other ranks
-        report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written["files"].items()},
+        # a writer process that failed outside its writes reports only its error
+        report = ShardReport(self.ctx.rank, {k: FileEntry(**f) for k, f in written.get("files", {}).items()},
                              written["error"], staged.per_rank, staged.per_rank_tensors, staged.sharded_tensors,
                              written.get("pieces", {}))
         if report.error:
